@@ -1,0 +1,230 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kiln-dev/kiln/internal/testutil"
+)
+
+func TestMain(m *testing.M) { testutil.Main(m) }
+
+// kiln runs the CLI in-process and returns stdout, stderr and the error.
+func kiln(t *testing.T, args ...string) (string, string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	var out, errb bytes.Buffer
+	err := run(ctx, args, &out, &errb)
+	return out.String(), errb.String(), err
+}
+
+func sha(t *testing.T, p string) string {
+	t.Helper()
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// TestBuildReproducible builds the numpy spec twice through the CLI and
+// compares the image bytes.
+func TestBuildReproducible(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "kiln.toml"), []byte(testutil.NumpySpec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	initBin := testutil.KilnInit(t)
+	var sums []string
+	for i, name := range []string{"a.kimg", "b.kimg"} {
+		out := filepath.Join(dir, name)
+		stdout, stderr, err := kiln(t, "build", dir, "-o", out, "--init", initBin)
+		if err != nil {
+			t.Fatalf("kiln build #%d error = %v\nstdout:\n%s\nstderr:\n%s", i+1, err, stdout, stderr)
+		}
+		if !strings.Contains(stdout, "digest sha256:") {
+			t.Errorf("kiln build stdout = %q, want a digest line", stdout)
+		}
+		sums = append(sums, sha(t, out))
+	}
+	if sums[0] != sums[1] {
+		t.Errorf("sha256 of two builds = %s and %s, want them equal", sums[0], sums[1])
+	}
+}
+
+func TestRunNumpy(t *testing.T) {
+	img := testutil.NumpyImage(t)
+	stdout, stderr, err := kiln(t, "run", img, "--timings", "--", "python3", "-c", "import numpy, sys; print(numpy.arange(10).sum(), sys.version_info[:2])")
+	if err != nil {
+		t.Fatalf("kiln run error = %v\nstderr:\n%s", err, stderr)
+	}
+	if stdout != "45 (3, 11)\n" {
+		t.Errorf("kiln run stdout = %q, want %q", stdout, "45 (3, 11)\n")
+	}
+	for _, phase := range []string{"vmm_started", "init_started", "rootfs_mounted", "command_started", "command_exited"} {
+		if !strings.Contains(stderr, phase) {
+			t.Errorf("kiln run --timings stderr = %q, want phase %s", stderr, phase)
+		}
+	}
+}
+
+func TestRunStatusAndStreams(t *testing.T) {
+	img := testutil.NumpyImage(t)
+	tests := []struct {
+		name       string
+		args       []string
+		wantCode   int
+		wantStdout string
+		wantStderr string
+	}{
+		{"exit 3", []string{"python3", "-c", "raise SystemExit(3)"}, 3, "", ""},
+		{"stderr and env", []string{"python3", "-c", "import os, sys; print(os.environ['OMP_NUM_THREADS']); print('oops', file=sys.stderr)"}, 0, "1\n", "oops"},
+		{"missing program", []string{"/no/such/program"}, 127, "", "no/such/program"},
+		{"read-only rootfs, writable tmp", []string{"python3", "-c", "open('/tmp/x','w').write('ok'); print(open('/tmp/x').read())\ntry:\n open('/usr/x','w')\nexcept OSError as e: print(e.errno)"}, 0, "ok\n30\n", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			stdout, stderr, err := kiln(t, append([]string{"run", img, "--"}, tt.args...)...)
+			code := 0
+			var ec exitCode
+			if errors.As(err, &ec) {
+				code = int(ec)
+			} else if err != nil {
+				t.Fatalf("kiln run error = %v\nstderr:\n%s", err, stderr)
+			}
+			if code != tt.wantCode {
+				t.Errorf("kiln run %v exit = %d, want %d (stderr %q)", tt.args, code, tt.wantCode, stderr)
+			}
+			if stdout != tt.wantStdout {
+				t.Errorf("kiln run %v stdout = %q, want %q", tt.args, stdout, tt.wantStdout)
+			}
+			if !strings.Contains(stderr, tt.wantStderr) {
+				t.Errorf("kiln run %v stderr = %q, want it to contain %q", tt.args, stderr, tt.wantStderr)
+			}
+		})
+	}
+}
+
+func TestRunTimeout(t *testing.T) {
+	img := testutil.NumpyImage(t)
+	t0 := time.Now()
+	_, _, err := kiln(t, "run", img, "--timeout", "20s", "--", "python3", "-c", "while True: pass")
+	if err == nil || !strings.Contains(err.Error(), "timeout after 20s") {
+		t.Fatalf("kiln run --timeout 20s error = %v, want a timeout", err)
+	}
+	if took := time.Since(t0); took > 2*time.Minute {
+		t.Errorf("kiln run --timeout 20s took %s", took)
+	}
+}
+
+func TestInspect(t *testing.T) {
+	img := testutil.NumpyImage(t)
+	stdout, _, err := kiln(t, "inspect", img)
+	if err != nil {
+		t.Fatalf("kiln inspect error = %v", err)
+	}
+	for _, w := range []string{"numpy", "3.11", "cloud-amd64", "rootfs", "erofs/lz4hc"} {
+		if !strings.Contains(stdout, w) {
+			t.Errorf("kiln inspect output lacks %q:\n%s", w, stdout)
+		}
+	}
+	stdout, _, err = kiln(t, "inspect", "--json", img)
+	if err != nil {
+		t.Fatalf("kiln inspect --json error = %v", err)
+	}
+	var doc struct {
+		Manifest struct {
+			Distributions []struct{ Name, Version string }
+		}
+	}
+	if err := json.Unmarshal([]byte(stdout), &doc); err != nil {
+		t.Fatalf("kiln inspect --json is not JSON: %v", err)
+	}
+	found := false
+	for _, d := range doc.Manifest.Distributions {
+		if d.Name == "numpy" && d.Version != "" {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("kiln inspect --json distributions = %+v, want numpy with a version", doc.Manifest.Distributions)
+	}
+}
+
+func TestCorruptImageRejected(t *testing.T) {
+	img := testutil.NumpyImage(t)
+	data, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	flipped := bytes.Clone(data)
+	flipped[len(flipped)-5000] ^= 0x40
+	cases := map[string][]byte{
+		"truncated":   data[:len(data)/2],
+		"bit-flipped": flipped,
+		"empty":       {},
+	}
+	for name, b := range cases {
+		p := filepath.Join(dir, name+".kimg")
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_, stderr, err := kiln(t, "run", p, "--", "true")
+		if err == nil {
+			t.Errorf("kiln run on a %s image succeeded, want an error", name)
+			continue
+		}
+		if strings.Contains(stderr, "timings") || strings.Contains(err.Error(), "VM") {
+			t.Errorf("kiln run on a %s image error = %v, want it rejected before boot", name, err)
+		}
+	}
+}
+
+func TestInvokeCLI(t *testing.T) {
+	img := testutil.NumpyImage(t)
+	dir := t.TempDir()
+	handler := filepath.Join(dir, "handler.py")
+	if err := os.WriteFile(handler, []byte("import numpy as np\n\ndef work(n, scale=1):\n    print('working')\n    return float(np.arange(n).sum()) * scale\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, err := kiln(t, "invoke", img, "--file", handler, "--function", "work", "--args", "[10]", "--kwargs", `{"scale": 2}`)
+	if err != nil {
+		t.Fatalf("kiln invoke error = %v\nstderr:\n%s", err, stderr)
+	}
+	var res struct {
+		OK     bool
+		Value  struct{ Data json.RawMessage }
+		Stdout string
+	}
+	if err := json.Unmarshal([]byte(stdout), &res); err != nil {
+		t.Fatalf("kiln invoke output is not JSON: %v\n%s", err, stdout)
+	}
+	if !res.OK || string(res.Value.Data) != "90.0" && string(res.Value.Data) != "90" || res.Stdout != "working\n" {
+		t.Errorf("kiln invoke result = %+v (value %s), want ok, 90, stdout \"working\\n\"", res, res.Value.Data)
+	}
+	stdout, _, err = kiln(t, "invoke", img, "--function", "math:factorial", "--args", "[5]", "--repeat", "5")
+	if err != nil {
+		t.Fatalf("kiln invoke --repeat error = %v", err)
+	}
+	var st map[string]float64
+	if err := json.Unmarshal([]byte(stdout), &st); err != nil || st["calls"] != 5 || st["median_ms"] <= 0 {
+		t.Errorf("kiln invoke --repeat 5 output = %s (%v), want 5 calls with latencies", stdout, err)
+	}
+}

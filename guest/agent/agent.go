@@ -1,0 +1,12 @@
+// Package agent embeds the Python guest agent that runs tasks inside the VM.
+package agent
+
+import _ "embed"
+
+// Source is the text of agent.py, installed in images at GuestPath.
+//
+//go:embed agent.py
+var Source []byte
+
+// GuestPath is where images carry the agent.
+const GuestPath = "/usr/lib/kiln/agent.py"

@@ -1,0 +1,65 @@
+package build
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+)
+
+// MkErofs makes a reproducible erofs image of dir at out: fixed UUID and
+// timestamps, all files owned by root. compression is "none", "lz4" or
+// "lz4hc" ("" means lz4hc). out appears atomically.
+func MkErofs(ctx context.Context, dir, out, compression string) error {
+	mkfs, err := exec.LookPath("mkfs.erofs")
+	if err != nil {
+		return errors.New("mkfs.erofs not found: install erofs-utils (apt-get install erofs-utils)")
+	}
+	args := []string{"--quiet", "-T0", "--all-root", "-U", "00000000-0000-0000-0000-000000000000", "-x-1"}
+	switch compression {
+	case "", "lz4hc":
+		args = append(args, "-zlz4hc,12")
+	case "lz4":
+		args = append(args, "-zlz4")
+	case "none":
+	default:
+		return fmt.Errorf("unknown compression %q: use none, lz4 or lz4hc", compression)
+	}
+	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+		return fmt.Errorf("making erofs: %s is not a directory", dir)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("creating erofs image: %w", err)
+	}
+	tmp.Close()
+	ok := false
+	defer func() {
+		if !ok {
+			os.Remove(tmp.Name())
+		}
+	}()
+	args = append(args, tmp.Name(), dir)
+	cmd := exec.CommandContext(ctx, mkfs, args...)
+	// Reproducible output: mkfs.erofs also honours SOURCE_DATE_EPOCH.
+	cmd.Env = append(os.Environ(), "SOURCE_DATE_EPOCH=0")
+	var outb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &outb, &outb
+	if err := cmd.Run(); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("mkfs.erofs failed: %w: %s", err, tailString(outb.String(), 2000))
+	}
+	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+		return fmt.Errorf("creating erofs image: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), out); err != nil {
+		return fmt.Errorf("creating erofs image: %w", err)
+	}
+	ok = true
+	return nil
+}

@@ -1,0 +1,637 @@
+package endpoint
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/kiln-dev/kiln/internal/guest/task"
+	"github.com/kiln-dev/kiln/internal/sandbox"
+)
+
+// poolKey identifies a pool: VMs of one image with one memory size.
+type poolKey struct {
+	digest string
+	memMiB int
+}
+
+// pool holds the VMs of one image and memory size.
+type pool struct {
+	key      poolKey
+	path     string
+	idle     []*vm // most recently used last
+	busy     int
+	starting int
+	queued   int // tasks in the queues whose function uses this pool
+}
+
+func (p *pool) total() int { return len(p.idle) + p.busy + p.starting }
+
+// vm is one warm sandbox.
+type vm struct {
+	sb       *sandbox.Sandbox
+	pool     *pool
+	lastUsed time.Time
+	fresh    bool          // not used yet: its first task pays its start
+	kind     string        // AcquireCold or AcquireRestore
+	startDur time.Duration // how long sandbox.Start took
+}
+
+type qitem struct {
+	id  string
+	enq time.Time
+}
+
+type fnQueue struct {
+	fn     *Function
+	items  []qitem
+	inRing bool
+}
+
+type running struct {
+	cancel    context.CancelFunc
+	cancelled bool // by the user
+}
+
+// scheduler owns the queues and the pools. Dispatch runs in one goroutine;
+// tasks run in their own goroutines, one per busy VM.
+type scheduler struct {
+	cfg    *Config
+	store  *Store
+	m      *metrics
+	log    *slog.Logger
+	notify func(id string)
+	ctx    context.Context
+	stop   context.CancelFunc
+
+	mu       sync.Mutex
+	queues   map[string]*fnQueue // by function id
+	ring     []string            // function ids with queued tasks, round robin
+	next     int                 // ring position to serve first
+	pools    map[poolKey]*pool
+	nVMs     int // running or starting
+	memMiB   int // their guest memory
+	queued   int
+	running  map[string]*running
+	draining bool
+	wake     chan struct{}
+	loopDone chan struct{}
+	wg       sync.WaitGroup // task and VM-start goroutines
+}
+
+func newScheduler(cfg *Config, st *Store, m *metrics, notify func(string)) *scheduler {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &scheduler{
+		cfg: cfg, store: st, m: m, log: cfg.Log, notify: notify, ctx: ctx, stop: cancel,
+		queues: map[string]*fnQueue{}, pools: map[poolKey]*pool{}, running: map[string]*running{},
+		wake: make(chan struct{}, 1), loopDone: make(chan struct{}),
+	}
+}
+
+func (s *scheduler) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *scheduler) start() { go s.loop() }
+
+func (s *scheduler) loop() {
+	defer close(s.loopDone)
+	tick := s.cfg.IdleTimeout / 4
+	tick = min(max(tick, 50*time.Millisecond), 5*time.Second)
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-s.wake:
+		case <-t.C:
+			s.scaleIn(time.Now())
+		}
+		s.dispatch()
+	}
+}
+
+// queuedCount returns the number of tasks waiting in the queues.
+func (s *scheduler) queuedCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.queued
+}
+
+func (s *scheduler) poolFor(fn *Function) *pool {
+	k := poolKey{fn.ImageDigest, fn.MemoryMiB}
+	p := s.pools[k]
+	if p == nil {
+		p = &pool{key: k, path: fn.ImagePath}
+		s.pools[k] = p
+	}
+	return p
+}
+
+// enqueue appends tasks of fn to its queue. s.mu must not be held.
+func (s *scheduler) enqueue(fn *Function, items ...qitem) {
+	s.mu.Lock()
+	s.enqueueLocked(fn, items...)
+	s.mu.Unlock()
+	s.poke()
+}
+
+func (s *scheduler) enqueueLocked(fn *Function, items ...qitem) {
+	q := s.queues[fn.ID]
+	if q == nil {
+		q = &fnQueue{fn: fn}
+		s.queues[fn.ID] = q
+	}
+	q.items = append(q.items, items...)
+	if !q.inRing && len(q.items) > 0 {
+		q.inRing = true
+		s.ring = append(s.ring, fn.ID)
+	}
+	s.poolFor(fn).queued += len(items)
+	s.queued += len(items)
+}
+
+// popLocked removes the head task of the function at ring index i.
+func (s *scheduler) popLocked(i int) (*Function, qitem) {
+	id := s.ring[i]
+	q := s.queues[id]
+	it := q.items[0]
+	q.items[0] = qitem{}
+	q.items = q.items[1:]
+	s.poolFor(q.fn).queued--
+	s.queued--
+	if len(q.items) == 0 {
+		q.inRing = false
+		q.items = nil
+		s.ring = append(s.ring[:i], s.ring[i+1:]...)
+		delete(s.queues, id)
+		s.next = i
+	} else {
+		s.next = i + 1
+	}
+	if len(s.ring) > 0 {
+		s.next %= len(s.ring)
+	} else {
+		s.next = 0
+	}
+	return q.fn, it
+}
+
+// removeQueued drops a (cancelled) task from its function's queue.
+func (s *scheduler) removeQueued(fnID, id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := s.queues[fnID]
+	if q == nil {
+		return
+	}
+	for i, it := range q.items {
+		if it.id != id {
+			continue
+		}
+		q.items = append(q.items[:i], q.items[i+1:]...)
+		s.poolFor(q.fn).queued--
+		s.queued--
+		if len(q.items) == 0 {
+			for j, f := range s.ring {
+				if f == fnID {
+					s.ring = append(s.ring[:j], s.ring[j+1:]...)
+					if s.next > j {
+						s.next--
+					}
+					break
+				}
+			}
+			if len(s.ring) > 0 {
+				s.next %= len(s.ring)
+			} else {
+				s.next = 0
+			}
+			delete(s.queues, fnID)
+		}
+		return
+	}
+}
+
+func (s *scheduler) fits(memMiB int) bool {
+	return s.nVMs < s.cfg.MaxVMs && s.memMiB+memMiB <= s.cfg.MaxMemoryMiB
+}
+
+// dispatch hands queued tasks to idle VMs, round robin across functions,
+// and starts VMs for pools whose queued tasks outnumber their idle and
+// starting VMs.
+func (s *scheduler) dispatch() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cfg.Paused || s.draining || s.ctx.Err() != nil {
+		return
+	}
+	// Assign: one task per function per turn of the ring.
+	for progress := true; progress && len(s.ring) > 0; {
+		progress = false
+		n := len(s.ring)
+		for k := 0; k < n; k++ {
+			i := (s.next + k) % len(s.ring)
+			q := s.queues[s.ring[i]]
+			p := s.poolFor(q.fn)
+			if len(p.idle) == 0 {
+				continue
+			}
+			v := p.idle[len(p.idle)-1]
+			p.idle = p.idle[:len(p.idle)-1]
+			p.busy++
+			fn, it := s.popLocked(i)
+			s.wg.Add(1)
+			go s.run(v, fn, it, time.Now())
+			progress = true
+			break
+		}
+	}
+	// Scale out, in ring order so no function's pool starves.
+	seen := map[*pool]bool{}
+	for k := 0; k < len(s.ring); k++ {
+		q := s.queues[s.ring[(s.next+k)%len(s.ring)]]
+		p := s.poolFor(q.fn)
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		for p.queued > len(p.idle)+p.starting && p.total() < s.cfg.PoolMax {
+			if !s.fits(p.key.memMiB) && !s.evictIdleLocked(p) {
+				break
+			}
+			if !s.fits(p.key.memMiB) {
+				break
+			}
+			p.starting++
+			s.nVMs++
+			s.memMiB += p.key.memMiB
+			s.wg.Add(1)
+			go s.startVM(p)
+		}
+	}
+}
+
+// evictIdleLocked closes the least recently used idle VM of another pool
+// that has no queued tasks, to make room for pool want.
+func (s *scheduler) evictIdleLocked(want *pool) bool {
+	var victim *vm
+	for _, p := range s.pools {
+		if p == want || p.queued > 0 || len(p.idle) == 0 {
+			continue
+		}
+		if v := p.idle[0]; victim == nil || v.lastUsed.Before(victim.lastUsed) {
+			victim = v
+		}
+	}
+	if victim == nil {
+		return false
+	}
+	p := victim.pool
+	p.idle = p.idle[1:]
+	s.dropLocked(victim)
+	return true
+}
+
+// dropLocked forgets v and closes it in the background.
+func (s *scheduler) dropLocked(v *vm) {
+	s.nVMs--
+	s.memMiB -= v.pool.key.memMiB
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		v.sb.Close()
+	}()
+}
+
+func (s *scheduler) scaleIn(now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, p := range s.pools {
+		keep := p.idle[:0]
+		for i, v := range p.idle {
+			// idle is ordered by last use: the oldest come first.
+			if now.Sub(v.lastUsed) >= s.cfg.IdleTimeout && len(p.idle)-i > s.cfg.MinIdle {
+				s.log.Debug("scaling in", "image", p.key.digest[:12], "idle", now.Sub(v.lastUsed).Round(time.Second))
+				s.dropLocked(v)
+				continue
+			}
+			keep = append(keep, v)
+		}
+		clear(p.idle[len(keep):])
+		p.idle = keep
+	}
+}
+
+func (s *scheduler) sandboxOptions(p *pool) sandbox.Options {
+	lo := s.cfg.Launch
+	lo.MemoryMiB = p.key.memMiB
+	if lo.Log == nil {
+		lo.Log = s.log
+	}
+	return sandbox.Options{
+		Launch:    lo,
+		Timeout:   s.cfg.MaxTimeout + time.Minute, // each task's own timeout is its context's deadline
+		MaxResult: s.cfg.MaxResultCap,
+	}
+}
+
+func (s *scheduler) startVM(p *pool) {
+	defer s.wg.Done()
+	t0 := time.Now()
+	sb, err := sandbox.Start(s.ctx, p.path, s.sandboxOptions(p))
+	dur := time.Since(t0)
+	if err == nil && sb.Image().Digest != p.key.digest {
+		sb.Close()
+		err = fmt.Errorf("%w: %s now has digest %s, not %s; register the function again", errImageChanged, p.path, sb.Image().Digest, p.key.digest)
+	}
+	s.mu.Lock()
+	p.starting--
+	if err != nil {
+		s.nVMs--
+		s.memMiB -= p.key.memMiB
+		s.m.add(func(m *metrics) { m.bootFails++ })
+		var failed []failure
+		if s.ctx.Err() == nil {
+			s.log.Warn("starting a VM failed", "image", p.path, "error", err)
+			failed = s.failOneLocked(p, err)
+		}
+		s.mu.Unlock()
+		for _, f := range failed {
+			s.failQueued(f)
+		}
+		s.poke()
+		return
+	}
+	kind := AcquireCold
+	if sb.Timings().StateLoaded > 0 {
+		kind = AcquireRestore
+	}
+	s.m.add(func(m *metrics) { m.boots[kind]++ })
+	v := &vm{sb: sb, pool: p, lastUsed: time.Now(), fresh: true, kind: kind, startDur: dur}
+	if s.ctx.Err() != nil {
+		s.dropLocked(v)
+	} else {
+		p.idle = append(p.idle, v)
+	}
+	s.mu.Unlock()
+	s.log.Debug("VM started", "image", p.path, "kind", kind, "took", dur.Round(time.Millisecond))
+	s.poke()
+}
+
+var errImageChanged = errors.New("the image file changed since the function was registered")
+
+type failure struct {
+	fn  *Function
+	it  qitem
+	err error
+}
+
+// failOneLocked pops the oldest queued task that needed pool p, so that a
+// VM that cannot start fails tasks one at a time instead of looping.
+func (s *scheduler) failOneLocked(p *pool, err error) []failure {
+	for i, id := range s.ring {
+		if s.poolFor(s.queues[id].fn) != p {
+			continue
+		}
+		fn, it := s.popLocked(i)
+		return []failure{{fn, it, err}}
+	}
+	return nil
+}
+
+func (s *scheduler) failQueued(f failure) {
+	now := time.Now()
+	ok, err := s.store.MarkRunning(s.ctx, f.it.id, now)
+	if err != nil || !ok {
+		return
+	}
+	code := CodeStartFailed
+	if errors.Is(f.err, errImageChanged) {
+		code = CodeImageChanged
+	}
+	s.complete(f.it.id, Completion{State: StateFailed, Error: "starting a VM: " + f.err.Error(), ErrorCode: code})
+}
+
+func (s *scheduler) complete(id string, c Completion) {
+	ok, err := s.store.Complete(context.Background(), id, c, time.Now(), s.cfg.ResultTTL)
+	if err != nil {
+		s.log.Error("writing a task's result", "task", id, "error", err)
+		return
+	}
+	if !ok {
+		s.log.Warn("task was already complete; result dropped", "task", id)
+		return
+	}
+	s.m.add(func(m *metrics) { m.completed[c.State]++ })
+	s.notify(id)
+}
+
+// run executes one task on v and gives v back to its pool (or drops it).
+func (s *scheduler) run(v *vm, fn *Function, it qitem, picked time.Time) {
+	defer s.wg.Done()
+	keep := false
+	defer func() {
+		s.mu.Lock()
+		v.pool.busy--
+		if keep && s.ctx.Err() == nil {
+			v.fresh = false
+			v.lastUsed = time.Now()
+			v.pool.idle = append(v.pool.idle, v)
+		} else {
+			s.dropLocked(v)
+		}
+		s.mu.Unlock()
+		s.poke()
+	}()
+	// Register before the task starts so that a cancel never misses it.
+	rctx, rcancel := context.WithCancel(s.ctx)
+	defer rcancel()
+	r := &running{cancel: rcancel}
+	s.mu.Lock()
+	s.running[it.id] = r
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.running, it.id)
+		s.mu.Unlock()
+	}()
+	now := time.Now()
+	ok, err := s.store.MarkRunning(s.ctx, it.id, now)
+	if err != nil {
+		s.log.Error("starting a task", "task", it.id, "error", err)
+		// The task stays queued in the store and runs after a restart.
+		keep = true
+		return
+	}
+	if !ok { // cancelled (or expired) while queued
+		keep = true
+		return
+	}
+	s.m.observeQueueWait(now.Sub(it.enq))
+	if v.fresh {
+		s.m.observeAcquire(v.kind, v.startDur)
+	} else {
+		s.m.observeAcquire(AcquireWarm, time.Since(picked))
+	}
+	rec, err := s.store.Task(s.ctx, it.id)
+	if err != nil {
+		keep = true
+		s.complete(it.id, Completion{State: StateFailed, Error: "reading the task: " + err.Error(), ErrorCode: "internal"})
+		return
+	}
+	tk := buildTask(fn, rec)
+	ctx, cancel := context.WithTimeout(rctx, fn.Timeout())
+	defer cancel()
+	t0 := time.Now()
+	res, err := v.sb.Invoke(ctx, tk)
+	s.m.observeExec(time.Since(t0))
+	s.mu.Lock()
+	userCancelled := r.cancelled
+	s.mu.Unlock()
+
+	c, keepVM, retry := s.classify(fn, rec.Attempts+1, res, err, ctx, userCancelled)
+	keep = keepVM
+	if s.ctx.Err() != nil && err != nil {
+		// Shutting down: the task runs again after the restart.
+		if _, err := s.store.Requeue(context.Background(), it.id); err != nil {
+			s.log.Error("requeueing an interrupted task", "task", it.id, "error", err)
+		}
+		return
+	}
+	if retry {
+		ok, err := s.store.Requeue(context.Background(), it.id)
+		if err != nil {
+			s.log.Error("requeueing a task", "task", it.id, "error", err)
+		}
+		if ok {
+			s.log.Info("retrying a task", "task", it.id, "attempt", rec.Attempts+1, "error", c.Error)
+			s.enqueue(fn, qitem{id: it.id, enq: time.Now()})
+			return
+		}
+	}
+	s.complete(it.id, c)
+}
+
+// classify turns an Invoke outcome into a completion; keepVM says whether
+// the VM is still good, retry whether the task should be queued again.
+func (s *scheduler) classify(fn *Function, attempt int, res *task.Result, err error, ctx context.Context, userCancelled bool) (c Completion, keepVM, retry bool) {
+	var resJSON json.RawMessage
+	if res != nil {
+		resJSON, _ = json.Marshal(res)
+	}
+	switch {
+	case err == nil && res.OK:
+		return Completion{State: StateSucceeded, Result: resJSON}, true, false
+	case err == nil:
+		msg := res.ErrorKind
+		if res.Error != nil {
+			msg = res.Error.Type + ": " + res.Error.Message
+		}
+		return Completion{State: StateFailed, Result: resJSON, Error: msg, ErrorCode: res.ErrorKind}, true, false
+	case userCancelled:
+		return Completion{State: StateCancelled, Error: "cancelled while running; its VM was replaced", ErrorCode: StateCancelled}, false, false
+	case sandbox.KindOf(err) == sandbox.KindTimeout || errors.Is(ctx.Err(), context.DeadlineExceeded):
+		return Completion{State: StateFailed, Error: fmt.Sprintf("the task ran past its timeout of %s and was stopped; its VM was replaced (register the function with a larger timeout)", fn.Timeout()), ErrorCode: CodeTimeout}, false, false
+	case sandbox.KindOf(err) == sandbox.KindTooLarge:
+		return Completion{State: StateFailed, Result: resJSON, Error: err.Error() + " (register the function with a larger max_result)", ErrorCode: CodeTooLarge}, true, false
+	case sandbox.KindOf(err) == sandbox.KindOOM:
+		return Completion{State: StateFailed, Result: resJSON, Error: err.Error(), ErrorCode: CodeOOM}, res != nil, res == nil && attempt <= fn.MaxRetries
+	case sandbox.KindOf(err) == sandbox.KindVMDied:
+		return Completion{State: StateFailed, Error: "the VM died while running the task: " + err.Error(), ErrorCode: CodeVMDied}, false, attempt <= fn.MaxRetries
+	case sandbox.KindOf(err) == sandbox.KindStart:
+		return Completion{State: StateFailed, Error: err.Error(), ErrorCode: CodeStartFailed}, false, attempt <= fn.MaxRetries
+	default:
+		return Completion{State: StateFailed, Error: err.Error(), ErrorCode: "internal"}, false, false
+	}
+}
+
+// buildTask makes the agent task for a stored task of fn.
+func buildTask(fn *Function, rec *TaskRecord) *task.Task {
+	t := &task.Task{ID: rec.ID, Kind: fn.Kind, Ref: fn.Ref, Source: fn.Source, Name: fn.Entry, Pickle: fn.Pickle, Pickler: fn.Pickler, MaxResult: fn.MaxResult}
+	if len(rec.Args) > 0 {
+		var v task.Value
+		if json.Unmarshal(rec.Args, &v) == nil {
+			t.Args = &v
+		}
+	}
+	if len(rec.Kwargs) > 0 {
+		var v task.Value
+		if json.Unmarshal(rec.Kwargs, &v) == nil {
+			t.Kwargs = &v
+		}
+	}
+	return t
+}
+
+// cancelRunning stops a running task; it reports false when id is not running here.
+func (s *scheduler) cancelRunning(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.running[id]
+	if r == nil {
+		return false
+	}
+	r.cancelled = true
+	r.cancel()
+	return true
+}
+
+// snapshot reports the VM gauges.
+func (s *scheduler) snapshot() (vms map[string]int, memMiB, queued int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	vms = map[string]int{"idle": 0, "busy": 0, "starting": 0}
+	for _, p := range s.pools {
+		vms["idle"] += len(p.idle)
+		vms["busy"] += p.busy
+		vms["starting"] += p.starting
+	}
+	return vms, s.memMiB, s.queued
+}
+
+// close stops dispatching, lets running tasks finish for up to grace, then
+// stops the rest (they are requeued in the store) and closes every VM.
+func (s *scheduler) close(grace time.Duration) {
+	s.mu.Lock()
+	s.draining = true
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		for {
+			s.mu.Lock()
+			n := len(s.running)
+			s.mu.Unlock()
+			if n == 0 {
+				close(done)
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(grace):
+	}
+	s.stop()
+	<-s.loopDone
+	s.wg.Wait()
+	s.mu.Lock()
+	var all []*vm
+	for _, p := range s.pools {
+		all = append(all, p.idle...)
+		p.idle = nil
+	}
+	s.mu.Unlock()
+	for _, v := range all {
+		v.sb.Close()
+	}
+}

@@ -1,0 +1,259 @@
+// Package task defines the JSON task and result messages exchanged with the guest agent.
+package task
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+)
+
+// Value encodings.
+const (
+	EncJSON   = "json"
+	EncPickle = "pickle"
+)
+
+// Task kinds.
+const (
+	KindRef    = "ref"
+	KindSource = "source"
+	KindPickle = "pickle"
+)
+
+// Error kinds of a failed Result.
+const (
+	// ErrorException: the function raised (SystemExit and KeyboardInterrupt included).
+	ErrorException = "exception"
+	// ErrorBadTask: bad source, missing function or library, undecodable arguments.
+	ErrorBadTask = "bad_task"
+	// ErrorTooLarge: the serialized result was over Task.MaxResult.
+	ErrorTooLarge = "too_large"
+	// ErrorUnserializable: the function returned a value that neither JSON nor pickle can encode.
+	ErrorUnserializable = "unserializable"
+)
+
+// Default limits the agent applies when a Task leaves them zero.
+const (
+	DefaultMaxOutput = 1 << 20
+	DefaultMaxResult = 10 << 20
+	// FrameSlack bounds everything in a Result frame besides the value and
+	// the captured output: a Result payload is always under
+	// MaxResult + 2*MaxOutput + FrameSlack bytes plus the JSON-escaped ID.
+	FrameSlack = 64 << 10
+)
+
+// Value is an argument list, keyword dict or return value.
+type Value struct {
+	Enc string `json:"enc"` // "json" | "pickle"
+	// Data is the JSON value itself (enc json), or a JSON string holding the
+	// base64 of the pickle bytes (enc pickle).
+	Data json.RawMessage `json:"data"`
+	// Repr is Python's repr() of a pickled result, at most 1000 characters.
+	Repr string `json:"repr,omitempty"`
+}
+
+// JSONValue encodes v as a JSON Value.
+func JSONValue(v any) (Value, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return Value{}, fmt.Errorf("encoding value as json: %w", err)
+	}
+	return Value{Enc: EncJSON, Data: b}, nil
+}
+
+// PickleValue wraps pickle bytes as a Value.
+func PickleValue(pickled []byte) Value {
+	b, _ := json.Marshal(pickled) // a []byte always marshals, as a base64 string
+	return Value{Enc: EncPickle, Data: b}
+}
+
+// Pickle returns the pickle bytes of a pickle Value.
+func (v Value) Pickle() ([]byte, error) {
+	if v.Enc != EncPickle {
+		return nil, fmt.Errorf("value is %q-encoded, not pickle", v.Enc)
+	}
+	var b []byte
+	if err := json.Unmarshal(v.Data, &b); err != nil {
+		return nil, fmt.Errorf("decoding pickle value: %w", err)
+	}
+	return b, nil
+}
+
+// Decode unmarshals a JSON Value into dst.
+func (v Value) Decode(dst any) error {
+	if v.Enc != EncJSON {
+		return fmt.Errorf("value is %q-encoded, not json: decode it in Python (repr: %s)", v.Enc, v.Repr)
+	}
+	if err := json.Unmarshal(v.Data, dst); err != nil {
+		return fmt.Errorf("decoding json value: %w", err)
+	}
+	return nil
+}
+
+func (v *Value) validate() error {
+	switch v.Enc {
+	case EncJSON:
+		if len(v.Data) == 0 || !json.Valid(v.Data) {
+			return errors.New("json value carries no valid json data")
+		}
+	case EncPickle:
+		var s string
+		if err := json.Unmarshal(v.Data, &s); err != nil {
+			return fmt.Errorf("pickle value data is not a string: %w", err)
+		}
+		if _, err := base64.StdEncoding.DecodeString(s); err != nil {
+			return fmt.Errorf("pickle value data is not base64: %w", err)
+		}
+	default:
+		return fmt.Errorf("unknown value encoding %q", v.Enc)
+	}
+	return nil
+}
+
+// Task is the payload of a Task frame.
+type Task struct {
+	ID      string `json:"id"`
+	Kind    string `json:"kind"`             // "ref" | "source" | "pickle"
+	Ref     string `json:"ref,omitempty"`    // "module:function", nested attributes allowed ("mod:Class.method")
+	Source  string `json:"source,omitempty"` // text of a def (or module source) ...
+	Name    string `json:"name,omitempty"`   // ... and the name to call (empty: the only function it defines)
+	Pickle  []byte `json:"pickle,omitempty"` // cloudpickle/dill/pickle bytes of the function
+	Pickler string `json:"pickler,omitempty"`
+	Args    *Value `json:"args,omitempty"`   // a list
+	Kwargs  *Value `json:"kwargs,omitempty"` // a dict
+	// MaxOutput caps the captured stdout and stderr, each, in bytes (0: DefaultMaxOutput).
+	MaxOutput int `json:"max_output,omitempty"`
+	// MaxResult caps the serialized value in bytes (0: DefaultMaxResult).
+	MaxResult int `json:"max_result,omitempty"`
+}
+
+// Validate reports a task the agent would reject before running anything.
+func (t *Task) Validate() error {
+	switch t.Kind {
+	case KindRef:
+		if t.Ref == "" {
+			return errors.New("ref task needs a ref (\"module:function\")")
+		}
+	case KindSource:
+		if t.Source == "" {
+			return errors.New("source task needs source text")
+		}
+	case KindPickle:
+		if len(t.Pickle) == 0 {
+			return errors.New("pickle task needs pickle bytes")
+		}
+		switch t.Pickler {
+		case "", "cloudpickle", "dill", "pickle":
+		default:
+			return fmt.Errorf("unknown pickler %q (want cloudpickle, dill or pickle)", t.Pickler)
+		}
+	default:
+		return fmt.Errorf("unknown task kind %q (want ref, source or pickle)", t.Kind)
+	}
+	for _, v := range []*Value{t.Args, t.Kwargs} {
+		if v != nil {
+			if err := v.validate(); err != nil {
+				return err
+			}
+		}
+	}
+	if t.MaxOutput < 0 || t.MaxResult < 0 {
+		return errors.New("max_output and max_result must not be negative")
+	}
+	return nil
+}
+
+// MaxFrame is the largest Result payload the agent can send for t.
+func (t *Task) MaxFrame() uint32 {
+	out, res := t.MaxOutput, t.MaxResult
+	if out <= 0 {
+		out = DefaultMaxOutput
+	}
+	if res <= 0 {
+		res = DefaultMaxResult
+	}
+	n := int64(res) + 2*int64(out) + FrameSlack + 6*int64(len(t.ID))
+	if n > math.MaxUint32 {
+		return math.MaxUint32
+	}
+	return uint32(n)
+}
+
+// Error describes why a task failed.
+type Error struct {
+	Type      string `json:"type"` // qualified exception type, "ValueError", "numpy.linalg.LinAlgError"
+	Message   string `json:"message"`
+	Traceback string `json:"traceback"`
+}
+
+// Timings splits a task's time in the agent.
+type Timings struct {
+	DeserializeMS float64 `json:"deserialize_ms"` // resolving the function and decoding arguments
+	CallMS        float64 `json:"call_ms"`
+	SerializeMS   float64 `json:"serialize_ms"`
+}
+
+// Result is the payload of a Result frame.
+type Result struct {
+	ID              string  `json:"id"`
+	OK              bool    `json:"ok"`
+	Value           *Value  `json:"value,omitempty"`
+	Error           *Error  `json:"error,omitempty"`
+	ErrorKind       string  `json:"error_kind,omitempty"`
+	Stdout          string  `json:"stdout"`
+	Stderr          string  `json:"stderr"`
+	StdoutTruncated bool    `json:"stdout_truncated,omitempty"`
+	StderrTruncated bool    `json:"stderr_truncated,omitempty"`
+	Timings         Timings `json:"timings"`
+}
+
+// DecodeResult parses a Result payload and checks that it is consistent: a
+// successful result carries a well-formed value and no error, a failed one
+// an error of a known kind and no value. Unknown fields are ignored so newer
+// agents stay readable. The ID may be empty only for a bad_task result (the
+// agent could not read the task's ID).
+func DecodeResult(b []byte) (*Result, error) {
+	var r Result
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if err := dec.Decode(&r); err != nil {
+		return nil, fmt.Errorf("decoding result: %w", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errors.New("decoding result: trailing data after the JSON object")
+	}
+	if r.OK {
+		if r.Value == nil {
+			return nil, errors.New("decoding result: ok result has no value")
+		}
+		if r.Error != nil || r.ErrorKind != "" {
+			return nil, errors.New("decoding result: ok result carries an error")
+		}
+		if err := r.Value.validate(); err != nil {
+			return nil, fmt.Errorf("decoding result: %w", err)
+		}
+	} else {
+		if r.Error == nil {
+			return nil, errors.New("decoding result: failed result has no error")
+		}
+		if r.Value != nil {
+			return nil, errors.New("decoding result: failed result carries a value")
+		}
+		switch r.ErrorKind {
+		case ErrorException, ErrorBadTask, ErrorTooLarge, ErrorUnserializable:
+		default:
+			return nil, fmt.Errorf("decoding result: unknown error kind %q", r.ErrorKind)
+		}
+	}
+	if r.ID == "" && (r.OK || r.ErrorKind != ErrorBadTask) {
+		return nil, errors.New("decoding result: result has no id")
+	}
+	t := r.Timings
+	if t.DeserializeMS < 0 || t.CallMS < 0 || t.SerializeMS < 0 {
+		return nil, errors.New("decoding result: negative timing")
+	}
+	return &r, nil
+}

@@ -1,0 +1,283 @@
+package sandbox_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kiln-dev/kiln/internal/guest/task"
+	"github.com/kiln-dev/kiln/internal/sandbox"
+	"github.com/kiln-dev/kiln/internal/testutil"
+)
+
+func TestMain(m *testing.M) { testutil.Main(m) }
+
+func start(t *testing.T, o sandbox.Options) *sandbox.Sandbox {
+	t.Helper()
+	img := testutil.NumpyImage(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	sb, err := sandbox.Start(ctx, img, o)
+	if err != nil {
+		t.Fatalf("Start(%s) error = %v", img, err)
+	}
+	t.Cleanup(func() { sb.Close() })
+	return sb
+}
+
+func source(src, name string, args ...any) *task.Task {
+	if args == nil {
+		args = []any{}
+	}
+	a, _ := task.JSONValue(args)
+	return &task.Task{Kind: task.KindSource, Source: src, Name: name, Args: &a}
+}
+
+func invoke(t *testing.T, sb *sandbox.Sandbox, tk *task.Task) (*task.Result, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	return sb.Invoke(ctx, tk)
+}
+
+func value(t *testing.T, r *task.Result) any {
+	t.Helper()
+	if r.Value == nil || r.Value.Enc != task.EncJSON {
+		t.Fatalf("result value = %+v, want a JSON value", r.Value)
+	}
+	var v any
+	if err := json.Unmarshal(r.Value.Data, &v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// TestInvoke covers the function kinds and the failures that must leave the
+// VM usable, all on one warm VM.
+func TestInvoke(t *testing.T) {
+	sb := start(t, sandbox.Options{})
+	tests := []struct {
+		name      string
+		task      *task.Task
+		wantOK    bool
+		wantValue any
+		wantKind  string // error kind of a failed result
+		wantText  []string
+	}{
+		{name: "numpy by source", task: source("def f(n):\n    import numpy as np\n    return int(np.arange(n).sum())\n", "f", 10), wantOK: true, wantValue: 45.0},
+		{name: "by reference", task: &task.Task{Kind: task.KindRef, Ref: "math:factorial", Args: mustJSON([]any{5})}, wantOK: true, wantValue: 120.0},
+		{name: "stdout beside value", task: source("def f():\n    print('hello from the guest')\n    return 7\n", "f"), wantOK: true, wantValue: 7.0, wantText: []string{"hello from the guest"}},
+		{name: "ValueError with traceback", task: source("def boom():\n    raise ValueError('bad input 42')\n", "boom"), wantKind: task.ErrorException, wantText: []string{"ValueError", "bad input 42", "line 2"}},
+		{name: "syntax error", task: source("def f(:\n", "f"), wantKind: task.ErrorBadTask, wantText: []string{"SyntaxError"}},
+		{name: "missing function", task: source("def f():\n    return 1\n", "nope"), wantKind: task.ErrorBadTask, wantText: []string{"nope"}},
+		{name: "still usable", task: source("def f(a, b):\n    return a * b\n", "f", 6, 7), wantOK: true, wantValue: 42.0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r, err := invoke(t, sb, tt.task)
+			if err != nil {
+				t.Fatalf("Invoke() error = %v", err)
+			}
+			if r.OK != tt.wantOK {
+				t.Fatalf("Invoke().OK = %v, want %v (result %+v, error %+v)", r.OK, tt.wantOK, r, r.Error)
+			}
+			text := r.Stdout
+			if tt.wantOK {
+				if got := value(t, r); got != tt.wantValue {
+					t.Errorf("Invoke() value = %v, want %v", got, tt.wantValue)
+				}
+			} else {
+				if r.ErrorKind != tt.wantKind || r.Error == nil {
+					t.Fatalf("Invoke() error kind = %q (%+v), want %q", r.ErrorKind, r.Error, tt.wantKind)
+				}
+				text = r.Error.Type + ": " + r.Error.Message + "\n" + r.Error.Traceback
+			}
+			for _, w := range tt.wantText {
+				if !strings.Contains(text, w) {
+					t.Errorf("Invoke() text = %q, want it to contain %q", text, w)
+				}
+			}
+		})
+	}
+	if n := sb.Boots.Load(); n != 1 {
+		t.Errorf("VMs booted = %d, want 1 (one warm VM for every call)", n)
+	}
+}
+
+func mustJSON(v any) *task.Value {
+	x, err := task.JSONValue(v)
+	if err != nil {
+		panic(err)
+	}
+	return &x
+}
+
+func TestTimeoutReplacesVM(t *testing.T) {
+	sb := start(t, sandbox.Options{Timeout: 5 * time.Second})
+	t0 := time.Now()
+	_, err := invoke(t, sb, source("def spin():\n    while True:\n        pass\n", "spin"))
+	took := time.Since(t0)
+	if !errors.Is(err, sandbox.ErrTimeout) {
+		t.Fatalf("Invoke(infinite loop) error = %v, want ErrTimeout", err)
+	}
+	if !strings.Contains(err.Error(), "timeout after 5 s") {
+		t.Errorf("Invoke(infinite loop) error = %q, want it to say \"timeout after 5 s\"", err)
+	}
+	if took < 5*time.Second || took > 60*time.Second {
+		t.Errorf("Invoke(infinite loop) took %s, want about 5 s", took)
+	}
+	r, err := invoke(t, sb, source("def f():\n    return 'alive'\n", "f"))
+	if err != nil || !r.OK {
+		t.Fatalf("Invoke after timeout = %+v, %v; want a result", r, err)
+	}
+	if n := sb.Boots.Load(); n != 2 {
+		t.Errorf("VMs booted = %d, want 2 (the timed-out VM replaced)", n)
+	}
+}
+
+// vmHWM returns this process's peak resident set size in bytes.
+func vmHWM(t *testing.T) int64 {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmHWM in /proc/self/status")
+	return 0
+}
+
+func TestTooLargeAndOOM(t *testing.T) {
+	sb := start(t, sandbox.Options{})
+	_, err := invoke(t, sb, source("def big():\n    return 'x' * (50 << 20)\n", "big"))
+	if !errors.Is(err, sandbox.ErrTooLarge) {
+		t.Fatalf("Invoke(50 MiB result) error = %v, want ErrTooLarge", err)
+	}
+	if hwm := vmHWM(t); hwm > 200<<20 {
+		t.Errorf("host peak RSS = %d MiB, want under 200 MiB", hwm>>20)
+	}
+	// Far beyond the VM's memory in one go: MemoryError.
+	_, err = invoke(t, sb, source("def hog():\n    return len(bytearray(64 << 30))\n", "hog"))
+	if !errors.Is(err, sandbox.ErrOOM) {
+		t.Fatalf("Invoke(64 GiB bytearray) error = %v, want ErrOOM", err)
+	}
+	// Growing until the guest kernel's OOM killer strikes.
+	_, err = invoke(t, sb, source("def grow():\n    xs = []\n    while True:\n        xs.append(bytearray(16 << 20))\n", "grow"))
+	if !errors.Is(err, sandbox.ErrOOM) {
+		t.Fatalf("Invoke(growing allocation) error = %v, want ErrOOM", err)
+	}
+	r, err := invoke(t, sb, source("def f():\n    return 1\n", "f"))
+	if err != nil || !r.OK {
+		t.Fatalf("Invoke after OOM = %+v, %v; want a result", r, err)
+	}
+}
+
+func TestGuestDeath(t *testing.T) {
+	sb := start(t, sandbox.Options{})
+	deaths := []struct {
+		name string
+		src  string
+	}{
+		{"os._exit", "def f():\n    import os\n    os._exit(1)\n"},
+		{"poweroff", "def f():\n    import ctypes\n    ctypes.CDLL(None).sync()\n    ctypes.CDLL(None).reboot(0x4321fedc)\n"},
+		{"kernel panic", "def f():\n    open('/proc/sysrq-trigger', 'w').write('c')\n"},
+	}
+	for _, d := range deaths {
+		t.Run(d.name, func(t *testing.T) {
+			t0 := time.Now()
+			_, err := invoke(t, sb, source(d.src, "f"))
+			if !errors.Is(err, sandbox.ErrVMDied) {
+				t.Fatalf("Invoke(%s) error = %v, want ErrVMDied", d.name, err)
+			}
+			if took := time.Since(t0); took > 30*time.Second {
+				t.Errorf("Invoke(%s) took %s to notice the death, want it prompt", d.name, took)
+			}
+			r, err := invoke(t, sb, source("def f():\n    return 2\n", "f"))
+			if err != nil || !r.OK {
+				t.Fatalf("Invoke after %s = %+v, %v; want a result", d.name, r, err)
+			}
+		})
+	}
+}
+
+func TestRepeatNoLeaks(t *testing.T) {
+	sb := start(t, sandbox.Options{})
+	call := source("def f(n):\n    import numpy as np\n    return float(np.ones(n).sum())\n", "f", 100)
+	if _, err := invoke(t, sb, call); err != nil {
+		t.Fatal(err)
+	}
+	runtime.GC()
+	fds0, gr0 := testutil.CountFDs(t), runtime.NumGoroutine()
+	for i := 0; i < 100; i++ {
+		r, err := invoke(t, sb, call)
+		if err != nil || !r.OK {
+			t.Fatalf("call %d = %+v, %v", i, r, err)
+		}
+		if v := value(t, r); v != 100.0 {
+			t.Fatalf("call %d value = %v, want 100", i, v)
+		}
+	}
+	runtime.GC()
+	time.Sleep(100 * time.Millisecond)
+	if fds := testutil.CountFDs(t); fds > fds0 {
+		t.Errorf("open fds after 100 calls = %d, want at most %d", fds, fds0)
+	}
+	if gr := runtime.NumGoroutine(); gr > gr0 {
+		t.Errorf("goroutines after 100 calls = %d, want at most %d", gr, gr0)
+	}
+	if n := sb.Boots.Load(); n != 1 {
+		t.Errorf("VMs booted = %d, want 1", n)
+	}
+}
+
+func TestCloseReleasesEverything(t *testing.T) {
+	img := testutil.NumpyImage(t)
+	fds0, gr0 := testutil.CountFDs(t), runtime.NumGoroutine()
+	sb, err := sandbox.Start(context.Background(), img, sandbox.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := sb.Invoke(context.Background(), source("def f():\n    import time\n    time.sleep(600)\n", "f"))
+		done <- err
+	}()
+	time.Sleep(2 * time.Second)
+	if err := sb.Close(); err != nil {
+		t.Fatalf("Close() error = %v", err)
+	}
+	select {
+	case err := <-done:
+		if !errors.Is(err, sandbox.ErrClosed) {
+			t.Errorf("Invoke during Close error = %v, want ErrClosed", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Invoke did not return after Close")
+	}
+	if _, err := sb.Invoke(context.Background(), source("def f():\n    return 1\n", "f")); !errors.Is(err, sandbox.ErrClosed) {
+		t.Errorf("Invoke after Close error = %v, want ErrClosed", err)
+	}
+	if err := sb.Close(); err != nil {
+		t.Errorf("second Close() error = %v", err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if fds := testutil.CountFDs(t); fds > fds0 {
+		t.Errorf("open fds after Close = %d, want at most %d", fds, fds0)
+	}
+	if gr := runtime.NumGoroutine(); gr > gr0 {
+		t.Errorf("goroutines after Close = %d, want at most %d", gr, gr0)
+	}
+}

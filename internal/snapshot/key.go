@@ -1,0 +1,132 @@
+// Package snapshot stores VM snapshots (guest RAM file + device state) on disk, keyed by everything that makes them valid.
+package snapshot
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os/exec"
+	"strings"
+	"sync"
+)
+
+// FormatVersion is the version of the on-disk layout (meta.json) and of
+// kiln's snapshot protocol. Bump it whenever a snapshot made by an older kiln
+// must not be restored by a newer one.
+const FormatVersion = 1
+
+// Key identifies what a snapshot is valid for; any difference means a
+// different snapshot.
+type Key struct {
+	ImageDigest string   `json:"image_digest"`
+	Kernel      string   `json:"kernel"`     // kernel version
+	QEMU        string   `json:"qemu"`       // first line of `qemu-system-x86_64 --version`
+	Accel       string   `json:"accel"`      // "kvm" or "tcg"
+	MemoryMiB   int      `json:"memory_mib"` // guest memory = size of the RAM file
+	VCPUs       int      `json:"vcpus"`
+	Devices     string   `json:"devices"`  // fingerprint of the device configuration, given by the caller
+	Preload     []string `json:"preload"`  // modules the agent imported, in order
+	Protocol    int      `json:"protocol"` // 0 means FormatVersion
+}
+
+// normalize returns k with the defaults filled in, so that keys that mean
+// the same thing compare (and hash) equal.
+func (k Key) normalize() Key {
+	if k.Protocol == 0 {
+		k.Protocol = FormatVersion
+	}
+	if k.Preload == nil {
+		k.Preload = []string{}
+	}
+	return k
+}
+
+// canonical returns the canonical JSON encoding of the normalized key.
+func (k Key) canonical() []byte {
+	b, err := json.Marshal(k.normalize())
+	if err != nil { // cannot happen: strings, ints and a []string
+		panic(fmt.Sprintf("snapshot: encoding key: %v", err))
+	}
+	return b
+}
+
+// ID returns the snapshot's identifier: the first 32 hex digits of the
+// sha256 of the key's canonical JSON.
+func (k Key) ID() string {
+	sum := sha256.Sum256(k.canonical())
+	return hex.EncodeToString(sum[:16])
+}
+
+// Equal reports whether k and o identify the same snapshot.
+func (k Key) Equal(o Key) bool { return bytes.Equal(k.canonical(), o.canonical()) }
+
+// check reports a key that cannot describe a real VM (a caller bug).
+func (k Key) check() error {
+	var missing []string
+	if k.ImageDigest == "" {
+		missing = append(missing, "image digest")
+	}
+	if k.Kernel == "" {
+		missing = append(missing, "kernel")
+	}
+	if k.QEMU == "" {
+		missing = append(missing, "qemu version")
+	}
+	if k.Accel == "" {
+		missing = append(missing, "accel")
+	}
+	if k.MemoryMiB <= 0 {
+		missing = append(missing, "memory")
+	}
+	if k.VCPUs <= 0 {
+		missing = append(missing, "vcpus")
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("invalid snapshot key: %s not set", strings.Join(missing, ", "))
+	}
+	return nil
+}
+
+// validID reports whether id looks like a Key.ID (so it is safe in a path).
+func validID(id string) bool {
+	if len(id) != 32 {
+		return false
+	}
+	for _, c := range id {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+var qemuVersions sync.Map // binary path -> version string
+
+// QEMUVersion runs `<binary> --version` and returns the first line of its
+// output, e.g. "QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u13)".
+// Results are cached per binary path for the life of the process.
+func QEMUVersion(ctx context.Context, binary string) (string, error) {
+	if v, ok := qemuVersions.Load(binary); ok {
+		return v.(string), nil
+	}
+	var out, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, binary, "--version")
+	cmd.Stdout, cmd.Stderr = &out, &stderr
+	if err := cmd.Run(); err != nil {
+		if errors.Is(err, exec.ErrNotFound) {
+			return "", fmt.Errorf("running %s --version: %w (install qemu-system-x86)", binary, err)
+		}
+		return "", fmt.Errorf("running %s --version: %w: %s", binary, err, strings.TrimSpace(stderr.String()))
+	}
+	line, _, _ := strings.Cut(out.String(), "\n")
+	line = strings.TrimSpace(line)
+	if line == "" {
+		return "", fmt.Errorf("running %s --version: no output", binary)
+	}
+	qemuVersions.Store(binary, line)
+	return line, nil
+}

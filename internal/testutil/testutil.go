@@ -1,0 +1,160 @@
+// Package testutil builds the real artifacts end-to-end tests need: the kiln-init binary and kiln images.
+//
+// Artifacts are built once per test binary into a temporary directory that
+// Main removes after the tests ran.
+package testutil
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kiln-dev/kiln/internal/build"
+	"github.com/kiln-dev/kiln/internal/spec"
+)
+
+var (
+	tmpOnce sync.Once
+	tmpDir  string
+	tmpErr  error
+)
+
+// Main runs the tests and removes the shared artifacts afterwards. Use it
+// from TestMain: func TestMain(m *testing.M) { testutil.Main(m) }.
+//
+// Snapshots go to a private store ($KILN_SNAPSHOTS) unless the caller set
+// one, so tests never touch the user's snapshots.
+func Main(m *testing.M) {
+	if os.Getenv("KILN_SNAPSHOTS") == "" {
+		d, err := os.MkdirTemp("", "kiln-test-snapshots-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "testutil:", err)
+			os.Exit(2)
+		}
+		os.Setenv("KILN_SNAPSHOTS", d)
+		defer os.RemoveAll(d)
+	}
+	m.Run() // the test binary exits with its code when TestMain returns
+	if tmpDir != "" {
+		os.RemoveAll(tmpDir)
+	}
+}
+
+func dir(t testing.TB) string {
+	tmpOnce.Do(func() { tmpDir, tmpErr = os.MkdirTemp("", "kiln-test-") })
+	if tmpErr != nil {
+		t.Fatalf("creating shared test directory: %v", tmpErr)
+	}
+	return tmpDir
+}
+
+// RepoRoot returns the repository's top directory.
+func RepoRoot(t testing.TB) string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+var (
+	initOnce sync.Once
+	initPath string
+	initErr  error
+)
+
+// KilnInit builds cmd/kiln-init (static, reproducible) once and returns its path.
+func KilnInit(t testing.TB) string {
+	t.Helper()
+	d := dir(t)
+	initOnce.Do(func() {
+		p := filepath.Join(d, "kiln-init")
+		cmd := exec.Command("go", "build", "-trimpath", "-buildvcs=false", "-ldflags", "-s -w", "-o", p, "./cmd/kiln-init")
+		cmd.Dir = RepoRoot(t)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			initErr = fmt.Errorf("go build ./cmd/kiln-init: %v\n%s", err, out)
+			return
+		}
+		initPath = p
+	})
+	if initErr != nil {
+		t.Fatal(initErr)
+	}
+	return initPath
+}
+
+// NumpySpec is the spec of the test image: Debian's numpy on Debian's python.
+const NumpySpec = `name = "numpy-test"
+python = "/usr/bin/python3"
+debian = ["python3-numpy"]
+env = { OMP_NUM_THREADS = "1" }
+memory = "512M"
+vcpus = 1
+`
+
+var (
+	imgMu   sync.Mutex
+	imgPath = map[string]string{}
+	imgErr  = map[string]error{}
+)
+
+// Image builds the image of specText once per test binary and returns its
+// path. Builds are bounded to 15 minutes.
+func Image(t testing.TB, specText string) string {
+	t.Helper()
+	imgMu.Lock()
+	defer imgMu.Unlock()
+	if p, ok := imgPath[specText]; ok {
+		return p
+	}
+	if err, ok := imgErr[specText]; ok {
+		t.Fatal(err)
+	}
+	p, err := buildImage(t, specText)
+	if err != nil {
+		imgErr[specText] = err
+		t.Fatal(err)
+	}
+	imgPath[specText] = p
+	return p
+}
+
+func buildImage(t testing.TB, specText string) (string, error) {
+	d, err := os.MkdirTemp(dir(t), "img-")
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(d, "kiln.toml"), []byte(specText), 0o644); err != nil {
+		return "", err
+	}
+	s, err := spec.Load(d)
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	t0 := time.Now()
+	res, err := build.Build(ctx, s, build.Options{Output: filepath.Join(d, s.Name+".kimg"), Init: KilnInit(t)})
+	if err != nil {
+		return "", fmt.Errorf("building test image %s: %w", s.Name, err)
+	}
+	t.Logf("built test image %s in %s (%d bytes)", res.Path, time.Since(t0).Round(time.Millisecond), res.Size)
+	return res.Path, nil
+}
+
+// NumpyImage returns the path of an image built from NumpySpec.
+func NumpyImage(t testing.TB) string { return Image(t, NumpySpec) }
+
+// CountFDs returns the number of open file descriptors of this process.
+func CountFDs(t testing.TB) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatalf("reading /proc/self/fd: %v", err)
+	}
+	return len(ents)
+}
