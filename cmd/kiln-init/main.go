@@ -310,6 +310,26 @@ func configureSystem(c proto.RunConfig) error {
 	if err := unix.Sethostname([]byte(c.Hostname)); err != nil {
 		return fmt.Errorf("setting hostname: %w", err)
 	}
+	return strictOvercommit()
+}
+
+// Memory accounting: with no swap, the kernel's default heuristic lets a
+// process allocate past the guest's RAM and then thrashes on page cache
+// (for minutes under TCG) before its OOM killer strikes. Strict accounting
+// makes such an allocation fail at once (Python raises MemoryError, which the
+// host reports as out of memory) and keeps the rest of the RAM for the
+// kernel and the page cache.
+const (
+	overcommitMode  = "2"
+	overcommitRatio = "85"
+)
+
+func strictOvercommit() error {
+	for _, kv := range [][2]string{{"/proc/sys/vm/overcommit_ratio", overcommitRatio}, {"/proc/sys/vm/overcommit_memory", overcommitMode}} {
+		if err := os.WriteFile(kv[0], []byte(kv[1]), 0); err != nil {
+			return fmt.Errorf("setting %s: %w", kv[0], err)
+		}
+	}
 	return nil
 }
 
@@ -338,8 +358,11 @@ func mountRoot(tmpfsMiB int) error {
 	if err := os.MkdirAll(newRoot, 0o755); err != nil {
 		return fmt.Errorf("creating %s: %w", newRoot, err)
 	}
+	// erofs is kiln's root filesystem; squashfs images exist for comparisons.
 	if err := unix.Mount(rootDevice, newRoot, "erofs", unix.MS_RDONLY, ""); err != nil {
-		return fmt.Errorf("mounting rootfs %s (erofs): %w", rootDevice, err)
+		if err2 := unix.Mount(rootDevice, newRoot, "squashfs", unix.MS_RDONLY, ""); err2 != nil {
+			return fmt.Errorf("mounting rootfs %s (erofs: %v; squashfs: %w)", rootDevice, err, err2)
+		}
 	}
 	for _, t := range []struct {
 		dir  string

@@ -63,5 +63,7 @@ byte-identical images.`,
 	f.StringVar(&o.Modules, "modules", "", "the lib/modules/<version> directory that goes with --kernel")
 	f.StringVar(&o.Init, "init", "", "kiln-init binary (default: $KILN_INIT, or kiln-init next to kiln)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON (progress goes to stderr)")
+	f.StringVar(&o.Filesystem, "filesystem", "erofs", "root filesystem: erofs, or squashfs (zstd) for comparisons")
+	_ = f.MarkHidden("filesystem")
 	return cmd
 }

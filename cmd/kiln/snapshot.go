@@ -49,7 +49,7 @@ when it is missing, damaged or made by another version.`,
 	}
 	cmd.PersistentFlags().StringVar(&o.dir, "dir", "", "snapshot store directory (default $KILN_SNAPSHOTS, else <cache>/snapshots)")
 	// `kiln snapshot create IMAGE` lives in snapshot_create.go.
-	cmd.AddCommand(newSnapshotLsCmd(a, o), newSnapshotRmCmd(a, o), newSnapshotGCCmd(a, o))
+	cmd.AddCommand(newSnapshotCreateCmd(a, o), newSnapshotLsCmd(a, o), newSnapshotRmCmd(a, o), newSnapshotGCCmd(a, o))
 	return cmd
 }
 

@@ -25,6 +25,9 @@ const AgentPath = "/usr/lib/kiln/agent.py"
 type Options struct {
 	Output      string // image path; "" = <name>.kimg in the current directory
 	Compression string // "" = the spec's, else lz4hc
+	// Filesystem is the root filesystem: "" or "erofs" (the default), or
+	// "squashfs" (zstd; for comparisons, see docs/BENCHMARKS.md).
+	Filesystem  string
 	Kernel      string // --kernel: a bzImage to use instead of Debian's cloud kernel
 	Modules     string // --modules: its lib/modules/<version> directory
 	Init        string // the kiln-init binary; "" = FindInit()
@@ -144,9 +147,23 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 	}); err != nil {
 		return nil, err
 	}
-	rootfs := filepath.Join(work, "rootfs.erofs")
-	if err := step("make erofs ("+comp+")", func() (string, error) {
-		if err := MkErofs(ctx, tree, rootfs, comp); err != nil {
+	rootfs := filepath.Join(work, "rootfs.img")
+	fsType := "erofs"
+	switch o.Filesystem {
+	case "", "erofs":
+	case "squashfs":
+		fsType, comp = "squashfs", "zstd"
+	default:
+		return nil, fmt.Errorf("unknown root filesystem %q: use erofs or squashfs", o.Filesystem)
+	}
+	if err := step("make "+fsType+" ("+comp+")", func() (string, error) {
+		var err error
+		if fsType == "squashfs" {
+			err = MkSquashfs(ctx, tree, rootfs)
+		} else {
+			err = MkErofs(ctx, tree, rootfs, comp)
+		}
+		if err != nil {
 			return "", err
 		}
 		return fileSize(rootfs), nil
@@ -207,7 +224,7 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 		Spec:        &ms,
 		Python:      image.Python{Version: st.PythonVersion, Executable: st.PythonExe, Debian: st.Debian},
 		Kernel:      image.Kernel{Version: k.Version, Package: k.Package, PackageVersion: k.PackageVersion},
-		Rootfs:      image.Rootfs{Filesystem: "erofs", Compression: comp, Files: st.Files, TreeBytes: st.TreeBytes},
+		Rootfs:      image.Rootfs{Filesystem: fsType, Compression: comp, Files: st.Files, TreeBytes: st.TreeBytes},
 		Command:     s.Command,
 		Env:         s.Env,
 		MemoryMiB:   s.MemoryMiB(),

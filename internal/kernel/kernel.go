@@ -22,8 +22,9 @@ import (
 const MetaPackage = "linux-image-cloud-amd64"
 
 // DefaultModules are the modules kiln-init loads: virtio PCI transport, the
-// root block device, virtio-serial ports, the erofs root filesystem and vsock.
-var DefaultModules = []string{"virtio_pci", "virtio_blk", "virtio_console", "erofs", "vmw_vsock_virtio_transport"}
+// root block device, virtio-serial ports, the erofs root filesystem (squashfs
+// for comparisons) and vsock.
+var DefaultModules = []string{"virtio_pci", "virtio_blk", "virtio_console", "erofs", "squashfs", "vmw_vsock_virtio_transport"}
 
 // Kernel is a kernel image with its module tree on the host.
 type Kernel struct {

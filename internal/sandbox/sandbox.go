@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -50,6 +51,9 @@ type Options struct {
 	Preload     []string        // modules the agent imports before it is ready; nil: the image's preload list
 	Snapshots   SnapshotMode    // restore from snapshots (default SnapshotAuto)
 	Store       *snapshot.Store // nil: snapshot.Open("")
+	// RestoreFrom, when set, is a directory written by Checkpoint: every VM
+	// of the sandbox is restored from it (no snapshot store involved).
+	RestoreFrom string
 }
 
 func (o *Options) defaults() {
@@ -88,6 +92,7 @@ type Sandbox struct {
 	// Boots counts VMs started by this sandbox (cold boots and restores,
 	// replacements included); Restores counts the restores among them, and
 	// SnapshotsCreated the snapshots this sandbox had to create first.
+	snapshotID       atomic.Pointer[string]
 	Boots            atomic.Int64
 	Restores         atomic.Int64
 	SnapshotsCreated atomic.Int64
@@ -108,6 +113,14 @@ func Start(ctx context.Context, path string, opts Options) (*Sandbox, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// VMPid returns the process ID of the current VMM, or 0 when no VM runs.
+func (s *Sandbox) VMPid() int {
+	if vm := s.vmRef.Load(); vm != nil {
+		return vm.Machine.Pid()
+	}
+	return 0
 }
 
 // Image returns the sandbox's image.
@@ -146,8 +159,14 @@ func (s *Sandbox) ensureVM(ctx context.Context) error {
 	defer cancel()
 	var vm *guestVM
 	var err error
-	if e := s.snapshotEntry(bctx); e != nil {
-		vm, err = restore(bctx, s, e)
+	if dir := s.opts.RestoreFrom; dir != "" {
+		vm, err = restore(bctx, s, filepath.Join(dir, CheckpointRAM), filepath.Join(dir, CheckpointState))
+		if err != nil {
+			return &Error{Kind: KindStart, Msg: "restoring checkpoint " + dir, Err: err}
+		}
+		s.Restores.Add(1)
+	} else if e := s.snapshotEntry(bctx); e != nil {
+		vm, err = restore(bctx, s, e.RAM, e.State)
 		if err == nil {
 			s.Restores.Add(1)
 		} else {
@@ -238,15 +257,16 @@ func (s *Sandbox) Close() error {
 // guestVM is a VM in serve mode with reader goroutines on both ports.
 type guestVM struct {
 	*launch.VM
-	agent  net.Conn
-	frames chan proto.Frame // agent frames (Result, Reseeded)
-	dead   chan struct{}    // closed when the agent channel ends
-	errMu  sync.Mutex
-	err    error // why the agent channel ended
-	exit   chan proto.ExitMsg
-	ready  proto.ReadyMsg
-	maxLen uint32
-	memMiB int
+	agent   net.Conn
+	frames  chan proto.Frame // agent frames (Result, Reseeded)
+	dead    chan struct{}    // closed when the agent channel ends
+	errMu   sync.Mutex
+	err     error // why the agent channel ended
+	exit    chan proto.ExitMsg
+	ready   proto.ReadyMsg
+	maxLen  uint32
+	memMiB  int
+	ramFile string // the snapshot RAM file this clone maps privately, if restored
 }
 
 func bootAgent(ctx context.Context, img *image.Image, preload []string, o Options, log *slog.Logger) (_ *guestVM, err error) {
@@ -267,7 +287,7 @@ func bootAgent(ctx context.Context, img *image.Image, preload []string, o Option
 			g.Close()
 		}
 	}()
-	f, err := g.next(ctx, 0)
+	f, err := g.next(ctx, time.Time{}, 0)
 	if err != nil {
 		return nil, fmt.Errorf("waiting for the agent: %w", err)
 	}
@@ -369,11 +389,12 @@ func (g *guestVM) isDead() bool {
 	}
 }
 
-// next waits for the next agent frame. timeout 0 means only ctx bounds it.
-func (g *guestVM) next(ctx context.Context, timeout time.Duration) (proto.Frame, error) {
+// next waits for the next agent frame until deadline (zero: only ctx
+// bounds it); timeout is the limit the deadline came from, for the error.
+func (g *guestVM) next(ctx context.Context, deadline time.Time, timeout time.Duration) (proto.Frame, error) {
 	var tc <-chan time.Time
-	if timeout > 0 {
-		t := time.NewTimer(timeout)
+	if !deadline.IsZero() {
+		t := time.NewTimer(time.Until(deadline))
 		defer t.Stop()
 		tc = t.C
 	}
@@ -439,12 +460,12 @@ func sig(s string) string {
 }
 
 func (g *guestVM) call(ctx context.Context, t *task.Task, timeout time.Duration) (*task.Result, error) {
-	start := time.Now()
+	deadline := time.Now().Add(timeout)
 	if err := proto.WriteJSON(g.agent, proto.Task, t); err != nil {
 		return nil, g.deathError()
 	}
 	for {
-		f, err := g.next(ctx, timeout-time.Since(start))
+		f, err := g.next(ctx, deadline, timeout)
 		if err != nil {
 			return nil, err
 		}

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/kiln-dev/kiln/internal/guest/proto"
@@ -84,6 +86,8 @@ func (s *Sandbox) snapshotEntry(ctx context.Context) *snapshot.Entry {
 	}
 	e, err := st.Lookup(key)
 	if err == nil {
+		s.snapshotID.Store(&e.ID)
+		st.Touch(e)
 		return e
 	}
 	var inv *snapshot.InvalidError
@@ -107,7 +111,17 @@ func (s *Sandbox) snapshotEntry(ctx context.Context) *snapshot.Entry {
 		return nil
 	}
 	s.SnapshotsCreated.Add(1)
+	s.snapshotID.Store(&e.ID)
 	return e
+}
+
+// SnapshotID returns the ID of the snapshot the sandbox restored from last,
+// or "" when it cold-booted.
+func (s *Sandbox) SnapshotID() string {
+	if p := s.snapshotID.Load(); p != nil {
+		return *p
+	}
+	return ""
 }
 
 // createSnapshot cold-boots a VM whose RAM is the shared file ram, waits for
@@ -126,11 +140,12 @@ func (s *Sandbox) createSnapshot(ctx context.Context, ram, state string) error {
 	return nil
 }
 
-// restore starts a clone from e and makes it unique: fresh entropy for the
-// kernel pool and Python's random module, and the host's wall clock.
-func restore(ctx context.Context, s *Sandbox, e *snapshot.Entry) (_ *guestVM, err error) {
+// restore starts a clone from the snapshot files ram and state and makes it
+// unique: fresh entropy for the kernel pool and Python's random module, and
+// the host's wall clock.
+func restore(ctx context.Context, s *Sandbox, ram, state string) (_ *guestVM, err error) {
 	o := s.opts
-	o.Launch.RAMFile, o.Launch.RAMShared, o.Launch.Incoming = e.RAM, false, true
+	o.Launch.RAMFile, o.Launch.RAMShared, o.Launch.Incoming = ram, false, true
 	vm, err := launch.Start(ctx, s.img, o.Launch)
 	if err != nil {
 		return nil, err
@@ -140,11 +155,12 @@ func restore(ctx context.Context, s *Sandbox, e *snapshot.Entry) (_ *guestVM, er
 			vm.Close()
 		}
 	}()
-	if err := vm.Machine.LoadState(ctx, e.State); err != nil {
+	if err := vm.Machine.LoadState(ctx, state); err != nil {
 		return nil, fmt.Errorf("loading the VM state: %w", err)
 	}
 	vm.Timings.StateLoaded = time.Since(vm.Timings.Start)
 	g := newGuestVM(vm, o, s.log)
+	g.ramFile = ram
 	defer func() {
 		if err != nil {
 			g.Close()
@@ -156,6 +172,64 @@ func restore(ctx context.Context, s *Sandbox, e *snapshot.Entry) (_ *guestVM, er
 	return g, nil
 }
 
+// Checkpoint files in a directory written by Sandbox.Checkpoint.
+const (
+	CheckpointRAM   = "ram"
+	CheckpointState = "state"
+)
+
+// Checkpoint saves the running VM, with everything it did since it was
+// restored, into dir (created; files "ram" and "state"), so that a Sandbox
+// started with Options.RestoreFrom = dir continues from this point. Only a
+// VM restored from a snapshot can be checkpointed (its RAM is file-backed).
+// The VM stops when its state is saved; the next Invoke starts a new one.
+func (s *Sandbox) Checkpoint(ctx context.Context, dir string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	vm := s.vm
+	if vm == nil || vm.isDead() {
+		return &Error{Kind: KindVMDied, Msg: "no running VM to checkpoint"}
+	}
+	if vm.ramFile == "" {
+		return errors.New("checkpoint needs a VM restored from a snapshot (file-backed RAM); start the sandbox with snapshots enabled")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("creating checkpoint directory: %w", err)
+	}
+	// The clone's RAM is a private copy-on-write mapping, so QEMU streams
+	// all of it into the state file; the RAM file is then all zeros.
+	ram := filepath.Join(dir, CheckpointRAM)
+	fi, err := os.Stat(vm.ramFile)
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	if err := makeSparse(ram, fi.Size()); err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	err = vm.Machine.SaveState(ctx, filepath.Join(dir, CheckpointState))
+	vm.Close()
+	s.setVM(nil)
+	if err != nil {
+		return fmt.Errorf("checkpoint: %w", err)
+	}
+	return nil
+}
+
+func makeSparse(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
 // reseed sends fresh entropy and the time to the agent and waits for its
 // answer.
 func (g *guestVM) reseed(ctx context.Context) error {
@@ -164,7 +238,7 @@ func (g *guestVM) reseed(ctx context.Context) error {
 		return fmt.Errorf("reseeding the clone: %w", err)
 	}
 	for {
-		f, err := g.next(ctx, time.Minute)
+		f, err := g.next(ctx, time.Now().Add(time.Minute), time.Minute)
 		if err != nil {
 			return fmt.Errorf("reseeding the clone: %w", err)
 		}

@@ -5,6 +5,7 @@
 package testutil
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -157,4 +158,23 @@ func CountFDs(t testing.TB) int {
 		t.Fatalf("reading /proc/self/fd: %v", err)
 	}
 	return len(ents)
+}
+
+// LockedBuffer is a bytes.Buffer safe for concurrent writers (loggers).
+type LockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *LockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// String returns what was written so far.
+func (b *LockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }

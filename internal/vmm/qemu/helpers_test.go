@@ -21,7 +21,10 @@ import (
 
 // shared holds artifacts built once per test binary.
 var shared struct {
-	dir string // removed by TestMain
+	dirOnce sync.Once
+	root    string // removed by TestMain
+	dir     string
+	dirErr  error
 
 	kernelOnce sync.Once
 	kernel     *kernel.Kernel
@@ -37,21 +40,29 @@ var shared struct {
 }
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "kiln-qemu-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(2)
-	}
-	// A comma in every path checks that paths are never spliced into
-	// QEMU's comma-separated option lists.
-	shared.dir = filepath.Join(dir, "a,b=c")
-	if err := os.Mkdir(shared.dir, 0o755); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(2)
-	}
 	code := m.Run()
-	os.RemoveAll(dir)
+	if shared.root != "" {
+		os.RemoveAll(shared.root)
+	}
 	os.Exit(code)
+}
+
+// sharedDir returns the per-binary artifact directory, created on first use
+// (fuzz workers never create it). A comma in its path checks that paths are
+// never spliced into QEMU's comma-separated option lists.
+func sharedDir(t testing.TB) string {
+	t.Helper()
+	shared.dirOnce.Do(func() {
+		shared.root, shared.dirErr = os.MkdirTemp("", "kiln-qemu-test-")
+		if shared.dirErr == nil {
+			shared.dir = filepath.Join(shared.root, "a,b=c")
+			shared.dirErr = os.Mkdir(shared.dir, 0o755)
+		}
+	})
+	if shared.dirErr != nil {
+		t.Fatal(shared.dirErr)
+	}
+	return shared.dir
 }
 
 func testLog(t testing.TB) *slog.Logger {
@@ -85,8 +96,9 @@ func testKernel(t testing.TB) *kernel.Kernel {
 func testInitramfs(t testing.TB) string {
 	t.Helper()
 	k := testKernel(t)
+	dir := sharedDir(t)
 	shared.initOnce.Do(func() {
-		out := filepath.Join(shared.dir, "guestinit")
+		out := filepath.Join(dir, "guestinit")
 		cmd := exec.Command("go", "build", "-trimpath", "-o", out, "./testdata/guestinit")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if b, err := cmd.CombinedOutput(); err != nil {
@@ -99,7 +111,7 @@ func testInitramfs(t testing.TB) string {
 		t.Fatal(shared.initErr)
 	}
 	shared.rdOnce.Do(func() {
-		shared.rd, shared.rdErr = writeInitramfs(k, shared.init, filepath.Join(shared.dir, "initrd.cpio"))
+		shared.rd, shared.rdErr = writeInitramfs(k, shared.init, filepath.Join(dir, "initrd.cpio"))
 	})
 	if shared.rdErr != nil {
 		t.Fatal(shared.rdErr)

@@ -307,8 +307,13 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 	cmd.Stdout = m.stderr
 	cmd.Stderr = m.stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Setpgid:   true,            // terminal signals go to kiln, not QEMU
-		Pdeathsig: syscall.SIGKILL, // never outlive kiln
+		// Own process group: a terminal's Ctrl-C reaches kiln, which
+		// then decides how to stop the VM.
+		Setpgid: true,
+		// Never outlive kiln. (Linux sends it when the forking OS thread
+		// exits; the Go runtime does not retire threads that are not
+		// locked, so in practice this is when kiln dies.)
+		Pdeathsig: syscall.SIGKILL,
 	}
 	m.log.Debug("starting qemu", "args", args)
 

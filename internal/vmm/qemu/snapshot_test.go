@@ -33,6 +33,12 @@ func counts(t *testing.T, console []byte) (min, max int, tokens map[string]bool)
 // a new QEMU with a private copy-on-write mapping of the RAM file: the
 // counter must go on from where it was, with the same boot token.
 func TestSnapshotRestore(t *testing.T) {
+	t.Run("ram-file", func(t *testing.T) { testSnapshotRestore(t, true) })
+	// Without a RAM file the guest RAM travels in the state file.
+	t.Run("ram-in-state", func(t *testing.T) { testSnapshotRestore(t, false) })
+}
+
+func testSnapshotRestore(t *testing.T, ramFile bool) {
 	dir := t.TempDir()
 	ram := filepath.Join(dir, "ram,1")
 	state := filepath.Join(dir, "state,1")
@@ -41,8 +47,10 @@ func TestSnapshotRestore(t *testing.T) {
 
 	cfg := bootConfig(t, "counter")
 	cfg.Ports = []string{"kiln.ctl"}
-	cfg.RAMFile = ram
-	cfg.RAMShared = true
+	if ramFile {
+		cfg.RAMFile = ram
+		cfg.RAMShared = true
+	}
 	src := startMachine(t, cfg)
 	waitConsole(t, src, "count 3 ")
 	if err := src.SaveState(ctx, state); err != nil {
@@ -68,9 +76,12 @@ func TestSnapshotRestore(t *testing.T) {
 		t.Fatalf("source console has tokens %v, want one", tokens)
 	}
 	src.Close()
-	ramInfo, err := os.Stat(ram)
-	if err != nil {
-		t.Fatal(err)
+	var ramInfo os.FileInfo
+	if ramFile {
+		var err error
+		if ramInfo, err = os.Stat(ram); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	cfg.RAMShared = false
@@ -89,6 +100,9 @@ func TestSnapshotRestore(t *testing.T) {
 		t.Errorf("restored counter starts at %d, want it to go on from the source's last value %d", min, before)
 	}
 	dst.Close()
+	if !ramFile {
+		return
+	}
 	after, err := os.Stat(ram)
 	if err != nil {
 		t.Fatal(err)
