@@ -68,19 +68,34 @@ func TestBuildReproducible(t *testing.T) {
 	}
 }
 
+// modes are kiln run's two ways to start a VM.
+var modes = []struct {
+	name string
+	flag []string
+}{{"cold", []string{"--cold"}}, {"snapshot", nil}}
+
 func TestRunNumpy(t *testing.T) {
 	img := testutil.NumpyImage(t)
-	stdout, stderr, err := kiln(t, "run", img, "--timings", "--", "python3", "-c", "import numpy, sys; print(numpy.arange(10).sum(), sys.version_info[:2])")
-	if err != nil {
-		t.Fatalf("kiln run error = %v\nstderr:\n%s", err, stderr)
+	phases := map[string][]string{
+		"cold":     {"vmm_started", "init_started", "rootfs_mounted", "command_started", "command_exited"},
+		"snapshot": {"vmm_started", "state_loaded", "first_result"},
 	}
-	if stdout != "45 (3, 11)\n" {
-		t.Errorf("kiln run stdout = %q, want %q", stdout, "45 (3, 11)\n")
-	}
-	for _, phase := range []string{"vmm_started", "init_started", "rootfs_mounted", "command_started", "command_exited"} {
-		if !strings.Contains(stderr, phase) {
-			t.Errorf("kiln run --timings stderr = %q, want phase %s", stderr, phase)
-		}
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			args := append(append([]string{"run", img, "--timings"}, m.flag...), "--", "python3", "-c", "import numpy, sys; print(numpy.arange(10).sum(), sys.version_info[:2])")
+			stdout, stderr, err := kiln(t, args...)
+			if err != nil {
+				t.Fatalf("kiln run error = %v\nstderr:\n%s", err, stderr)
+			}
+			if stdout != "45 (3, 11)\n" {
+				t.Errorf("kiln run stdout = %q, want %q", stdout, "45 (3, 11)\n")
+			}
+			for _, phase := range phases[m.name] {
+				if !strings.Contains(stderr, phase) {
+					t.Errorf("kiln run --timings stderr = %q, want phase %s", stderr, phase)
+				}
+			}
+		})
 	}
 }
 
@@ -98,38 +113,44 @@ func TestRunStatusAndStreams(t *testing.T) {
 		{"missing program", []string{"/no/such/program"}, 127, "", "no/such/program"},
 		{"read-only rootfs, writable tmp", []string{"python3", "-c", "open('/tmp/x','w').write('ok'); print(open('/tmp/x').read())\ntry:\n open('/usr/x','w')\nexcept OSError as e: print(e.errno)"}, 0, "ok\n30\n", ""},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			stdout, stderr, err := kiln(t, append([]string{"run", img, "--"}, tt.args...)...)
-			code := 0
-			var ec exitCode
-			if errors.As(err, &ec) {
-				code = int(ec)
-			} else if err != nil {
-				t.Fatalf("kiln run error = %v\nstderr:\n%s", err, stderr)
-			}
-			if code != tt.wantCode {
-				t.Errorf("kiln run %v exit = %d, want %d (stderr %q)", tt.args, code, tt.wantCode, stderr)
-			}
-			if stdout != tt.wantStdout {
-				t.Errorf("kiln run %v stdout = %q, want %q", tt.args, stdout, tt.wantStdout)
-			}
-			if !strings.Contains(stderr, tt.wantStderr) {
-				t.Errorf("kiln run %v stderr = %q, want it to contain %q", tt.args, stderr, tt.wantStderr)
-			}
-		})
+	for _, m := range modes {
+		for _, tt := range tests {
+			t.Run(m.name+"/"+tt.name, func(t *testing.T) {
+				stdout, stderr, err := kiln(t, append(append(append([]string{"run", img}, m.flag...), "--"), tt.args...)...)
+				code := 0
+				var ec exitCode
+				if errors.As(err, &ec) {
+					code = int(ec)
+				} else if err != nil {
+					t.Fatalf("kiln run error = %v\nstderr:\n%s", err, stderr)
+				}
+				if code != tt.wantCode {
+					t.Errorf("kiln run %v exit = %d, want %d (stderr %q)", tt.args, code, tt.wantCode, stderr)
+				}
+				if stdout != tt.wantStdout {
+					t.Errorf("kiln run %v stdout = %q, want %q", tt.args, stdout, tt.wantStdout)
+				}
+				if !strings.Contains(stderr, tt.wantStderr) {
+					t.Errorf("kiln run %v stderr = %q, want it to contain %q", tt.args, stderr, tt.wantStderr)
+				}
+			})
+		}
 	}
 }
 
 func TestRunTimeout(t *testing.T) {
 	img := testutil.NumpyImage(t)
-	t0 := time.Now()
-	_, _, err := kiln(t, "run", img, "--timeout", "20s", "--", "python3", "-c", "while True: pass")
-	if err == nil || !strings.Contains(err.Error(), "timeout after 20s") {
-		t.Fatalf("kiln run --timeout 20s error = %v, want a timeout", err)
-	}
-	if took := time.Since(t0); took > 2*time.Minute {
-		t.Errorf("kiln run --timeout 20s took %s", took)
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			t0 := time.Now()
+			_, _, err := kiln(t, append(append([]string{"run", img, "--timeout", "20s"}, m.flag...), "--", "python3", "-c", "while True: pass")...)
+			if err == nil || !strings.Contains(err.Error(), "timeout after 20s") {
+				t.Fatalf("kiln run --timeout 20s error = %v, want a timeout", err)
+			}
+			if took := time.Since(t0); took > 2*time.Minute {
+				t.Errorf("kiln run --timeout 20s took %s", took)
+			}
+		})
 	}
 }
 
