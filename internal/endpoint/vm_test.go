@@ -1,0 +1,474 @@
+package endpoint
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kiln-dev/kiln/internal/testutil"
+)
+
+const squareSrc = "def square(x):\n    import numpy as np\n    return int(np.square(np.int64(x)))\n"
+
+func register(t testing.TB, c *client, body map[string]any) string {
+	t.Helper()
+	var fv FunctionView
+	c.json("POST", "/v1/functions", body, 201, &fv)
+	return fv.ID
+}
+
+func submitOne(t testing.TB, c *client, fnID string, args ...any) string {
+	t.Helper()
+	if args == nil {
+		args = []any{}
+	}
+	var sub struct {
+		TaskID string `json:"task_id"`
+	}
+	c.json("POST", "/v1/tasks", map[string]any{"function_id": fnID, "args": map[string]any{"enc": "json", "data": args}}, 202, &sub)
+	return sub.TaskID
+}
+
+// await long-polls until the task finished.
+func await(t testing.TB, c *client, id string) TaskView {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Minute)
+	for time.Now().Before(deadline) {
+		var tv TaskView
+		c.json("GET", "/v1/tasks/"+id+"?wait=60s", nil, 200, &tv)
+		if finished(tv.State) {
+			return tv
+		}
+	}
+	t.Fatalf("task %s did not finish in 10 minutes", id)
+	return TaskView{}
+}
+
+type agentResult struct {
+	OK    bool `json:"ok"`
+	Value struct {
+		Enc  string          `json:"enc"`
+		Data json.RawMessage `json:"data"`
+	} `json:"value"`
+	Error *struct{ Type, Message, Traceback string } `json:"error"`
+}
+
+func resultOf(t testing.TB, tv TaskView) agentResult {
+	t.Helper()
+	var r agentResult
+	if len(tv.Result) == 0 {
+		t.Fatalf("task %s (%s: %s) has no result", tv.ID, tv.State, tv.Error)
+	}
+	if err := json.Unmarshal(tv.Result, &r); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// TestVM runs real tasks on one endpoint whose pool holds one VM.
+func TestVM(t *testing.T) {
+	ts := startServer(t, Config{ImagesDir: imagesDir(t), MaxVMs: 1, IdleTimeout: time.Hour})
+	c := ts.c
+	square := register(t, c, map[string]any{"image": "numpy", "source": squareSrc, "function": "square", "timeout": "5m"})
+
+	t.Run("result", func(t *testing.T) {
+		c.t = t
+		tv := await(t, c, submitOne(t, c, square, 7))
+		if tv.State != StateSucceeded || tv.Attempts != 1 {
+			t.Fatalf("task = %+v, want succeeded on the first attempt", tv)
+		}
+		if r := resultOf(t, tv); string(r.Value.Data) != "49" {
+			t.Errorf("square(7) = %s, want 49", r.Value.Data)
+		}
+	})
+
+	t.Run("images and functions", func(t *testing.T) {
+		c.t = t
+		var imgs struct{ Images []ImageInfo }
+		c.json("GET", "/v1/images", nil, 200, &imgs)
+		if len(imgs.Images) != 1 || imgs.Images[0].Name != "numpy" || len(imgs.Images[0].Digest) != 64 {
+			t.Errorf("images = %+v, want numpy with its digest", imgs.Images)
+		}
+		var fns struct{ Functions []FunctionView }
+		c.json("GET", "/v1/functions", nil, 200, &fns)
+		if len(fns.Functions) != 1 || fns.Functions[0].ID != square || fns.Functions[0].ImageDigest != imgs.Images[0].Digest {
+			t.Errorf("functions = %+v, want square on the numpy digest", fns.Functions)
+		}
+		// Registering again gives the same id.
+		if again := register(t, c, map[string]any{"image": "numpy", "source": squareSrc, "function": "square", "timeout": "5m"}); again != square {
+			t.Errorf("second registration id = %s, want %s", again, square)
+		}
+	})
+
+	t.Run("remote exception", func(t *testing.T) {
+		c.t = t
+		fn := register(t, c, map[string]any{"image": "numpy", "source": "def inv():\n    import numpy as np\n    return np.linalg.inv(np.zeros((2, 2)))\n"})
+		tv := await(t, c, submitOne(t, c, fn))
+		r := resultOf(t, tv)
+		if tv.State != StateFailed || tv.ErrorCode != "exception" || r.Error == nil {
+			t.Fatalf("task = %+v, want failed with an exception", tv)
+		}
+		if !strings.Contains(r.Error.Type, "LinAlgError") || !strings.Contains(r.Error.Traceback, "np.linalg.inv") {
+			t.Errorf("error = %+v, want LinAlgError with a traceback showing the call", r.Error)
+		}
+	})
+
+	t.Run("exactly once under load", func(t *testing.T) {
+		runLoad(t, ts, square, 4, 25)
+	})
+
+	t.Run("sdk", func(t *testing.T) {
+		runSDK(t, ts)
+	})
+
+	t.Run("vm dies", func(t *testing.T) {
+		c.t = t
+		crash := register(t, c, map[string]any{"image": "numpy", "source": "def crash():\n    import os\n    os._exit(3)\n"})
+		tv := await(t, c, submitOne(t, c, crash))
+		if tv.State != StateFailed || tv.ErrorCode != CodeVMDied || !strings.Contains(tv.Error, "VM died") {
+			t.Fatalf("task = %+v, want failed with %s", tv, CodeVMDied)
+		}
+		// The pool recovers: the next task gets a new VM.
+		tv = await(t, c, submitOne(t, c, square, 9))
+		if r := resultOf(t, tv); tv.State != StateSucceeded || string(r.Value.Data) != "81" {
+			t.Fatalf("after the crash: task = %+v, want square(9) = 81", tv)
+		}
+	})
+
+	t.Run("timeout", func(t *testing.T) {
+		c.t = t
+		slow := register(t, c, map[string]any{"image": "numpy", "source": "def slow():\n    import time\n    time.sleep(3600)\n", "timeout": "3s"})
+		tv := await(t, c, submitOne(t, c, slow))
+		if tv.State != StateFailed || tv.ErrorCode != CodeTimeout || !strings.Contains(tv.Error, "timeout of 3s") {
+			t.Fatalf("task = %+v, want failed with %s", tv, CodeTimeout)
+		}
+		tv = await(t, c, submitOne(t, c, square, 3))
+		if tv.State != StateSucceeded {
+			t.Fatalf("after the timeout: task = %+v, want succeeded", tv)
+		}
+	})
+
+	t.Run("metrics", func(t *testing.T) {
+		c.t = t
+		code, body, _ := c.do("GET", "/metrics", nil)
+		if code != 200 {
+			t.Fatalf("GET /metrics = %d", code)
+		}
+		m := string(body)
+		get := func(name string) (float64, bool) {
+			re := regexp.MustCompile("(?m)^" + regexp.QuoteMeta(name) + ` (\S+)$`)
+			mm := re.FindStringSubmatch(m)
+			if mm == nil {
+				return 0, false
+			}
+			v, err := strconv.ParseFloat(mm[1], 64)
+			return v, err == nil
+		}
+		cold, ok1 := get(`kiln_vm_acquire_seconds_count{kind="cold"}`)
+		restore, ok2 := get(`kiln_vm_acquire_seconds_count{kind="restore"}`)
+		if !ok1 || !ok2 || cold+restore < 3 { // first VM, after the crash, after the timeout
+			t.Errorf("VM acquires: cold %v + restore %v, want at least 3", cold, restore)
+		}
+		atLeast := map[string]float64{
+			`kiln_vm_acquire_seconds_count{kind="warm"}`: 100,
+			`kiln_task_queue_wait_seconds_count`:         105,
+			`kiln_task_execution_seconds_count`:          105,
+			`kiln_tasks{state="succeeded"}`:              104,
+			`kiln_tasks{state="failed"}`:                 3,
+		}
+		for name, min := range atLeast {
+			v, ok := get(name)
+			if !ok {
+				t.Errorf("/metrics has no %s", name)
+			} else if v < min {
+				t.Errorf("%s = %v, want at least %v", name, v, min)
+			}
+		}
+		if !strings.Contains(m, `kiln_vm_acquire_seconds_bucket{kind="restore",le="+Inf"}`) {
+			t.Errorf("/metrics lacks the restore acquire histogram")
+		}
+	})
+}
+
+// loadTask posts JSON and decodes the answer; it is safe in goroutines.
+func post(url, token, path string, body, dst any) error {
+	b, _ := json.Marshal(body)
+	req, _ := http.NewRequest("POST", url+path, bytes.NewReader(b))
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("POST %s = %d %s", path, resp.StatusCode, out)
+	}
+	return json.Unmarshal(out, dst)
+}
+
+// runLoad has clients submit per tasks each (square of a distinct number),
+// waits for them all, and checks that each finished once with the right
+// value. It returns the tasks' submit-to-finish latencies.
+func runLoad(tb testing.TB, ts *testServer, fnID string, clients, per int) []time.Duration {
+	var mu sync.Mutex
+	var lat []time.Duration
+	ids := map[string]int{}
+	errs := make(chan error, clients)
+	var wg sync.WaitGroup
+	for cl := 0; cl < clients; cl++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- func() error {
+				want := map[string]int{}
+				for i := 0; i < per; i++ {
+					n := cl*per + i
+					var sub struct {
+						TaskID string `json:"task_id"`
+					}
+					if err := post(ts.url, ts.Token(), "/v1/tasks", map[string]any{"function_id": fnID, "args": map[string]any{"enc": "json", "data": []int{n}}}, &sub); err != nil {
+						return err
+					}
+					want[sub.TaskID] = n
+					mu.Lock()
+					ids[sub.TaskID] = n
+					mu.Unlock()
+				}
+				for len(want) > 0 {
+					pending := make([]string, 0, len(want))
+					for id := range want {
+						pending = append(pending, id)
+					}
+					var wr struct {
+						Tasks   []TaskView
+						Unknown []string
+					}
+					if err := post(ts.url, ts.Token(), "/v1/tasks/wait", map[string]any{"task_ids": pending, "timeout": "60s"}, &wr); err != nil {
+						return err
+					}
+					if len(wr.Unknown) > 0 {
+						return fmt.Errorf("unknown tasks %v", wr.Unknown)
+					}
+					for _, tv := range wr.Tasks {
+						n, ok := want[tv.ID]
+						if !ok {
+							return fmt.Errorf("task %s finished twice", tv.ID)
+						}
+						delete(want, tv.ID)
+						var r agentResult
+						json.Unmarshal(tv.Result, &r)
+						if tv.State != StateSucceeded || string(r.Value.Data) != strconv.Itoa(n*n) {
+							return fmt.Errorf("task %s: square(%d) = %s %s (%s), want %d", tv.ID, n, tv.State, r.Value.Data, tv.Error, n*n)
+						}
+						mu.Lock()
+						lat = append(lat, tv.FinishedAt.Sub(tv.CreatedAt))
+						mu.Unlock()
+					}
+				}
+				return nil
+			}()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			tb.Fatal(err)
+		}
+	}
+	if len(ids) != clients*per {
+		tb.Fatalf("%d distinct task ids, want %d", len(ids), clients*per)
+	}
+	// Exactly once, from the store: one attempt, one completion each.
+	for id := range ids {
+		rec, err := ts.Store().Task(context.Background(), id)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if rec.Attempts != 1 || rec.Completions != 1 || rec.State != StateSucceeded {
+			tb.Errorf("task %s: state %s, attempts %d, completions %d; want succeeded once", id, rec.State, rec.Attempts, rec.Completions)
+		}
+	}
+	return lat
+}
+
+// runSDK runs the quickstart example and the Python SDK's tests against ts.
+func runSDK(t *testing.T, ts *testServer) {
+	root := testutil.RepoRoot(t)
+	env := append(os.Environ(), "PYTHONPATH="+filepath.Join(root, "python"), "KILN_URL="+ts.url, "KILN_TOKEN="+ts.Token(), "KILN_IMAGE=numpy", "PYTHONDONTWRITEBYTECODE=1")
+	run := func(args ...string) string {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, "/usr/bin/python3", args...)
+		cmd.Dir = root
+		cmd.Env = env
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("python3 %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	out := run("examples/sdk/quickstart.py")
+	for _, w := range []string{
+		"mean_of_squares(10) = 28.5",
+		"map: [0.0, 0.5, 1.6666666666666667, 3.5]",
+		"remote error:", "LinAlgError", "Singular matrix",
+		"Traceback (most recent call last)", "np.linalg.inv(np.array(matrix))",
+	} {
+		if !strings.Contains(out, w) {
+			t.Errorf("quickstart output lacks %q:\n%s", w, out)
+		}
+	}
+	out = run("-m", "unittest", "discover", "-v", "-s", "python/tests", "-t", "python")
+	for _, w := range []string{"test_executor", "test_client", "test_errors"} {
+		if !regexp.MustCompile(w + ` .*\.\.\. ok`).MatchString(out) {
+			t.Errorf("python tests: %s did not run and pass:\n%s", w, out)
+		}
+	}
+}
+
+// TestRestart kills -9 an endpoint (a re-executed test binary) with one
+// task running and 200 queued, starts it again and checks that the running
+// one failed with the restart reason and the 200 completed exactly once.
+func TestRestart(t *testing.T) {
+	images := imagesDir(t)
+	state := t.TempDir()
+	addrFile := filepath.Join(t.TempDir(), "addr")
+	hc, _ := json.Marshal(helperConfig{State: state, Images: images, AddrFile: addrFile, MaxVMs: 1})
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "KILN_ENDPOINT_HELPER="+string(hc))
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	killed := false
+	t.Cleanup(func() {
+		if !killed {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	var addr []byte
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		var err error
+		if addr, err = os.ReadFile(addrFile); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the endpoint subprocess did not start")
+		}
+	}
+	token, _, err := LoadOrCreateToken(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newClient(t, "http://"+string(addr), token)
+	sleeper := register(t, c, map[string]any{"image": "numpy", "source": "def sleeper():\n    import time\n    time.sleep(3600)\n", "timeout": "2h"})
+	square := register(t, c, map[string]any{"image": "numpy", "source": squareSrc, "timeout": "5m"})
+	sleepID := submitOne(t, c, sleeper)
+	for deadline := time.Now().Add(10 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		var tv TaskView
+		c.json("GET", "/v1/tasks/"+sleepID, nil, 200, &tv)
+		if tv.State == StateRunning {
+			break
+		}
+		if tv.State != StateQueued || time.Now().After(deadline) {
+			t.Fatalf("sleeper task = %+v, want it running", tv)
+		}
+	}
+	const n = 200
+	var tasks []map[string]any
+	for i := 0; i < n; i++ {
+		tasks = append(tasks, map[string]any{"args": map[string]any{"enc": "json", "data": []int{i}}})
+	}
+	var batch struct {
+		TaskIDs []string `json:"task_ids"`
+	}
+	c.json("POST", "/v1/tasks/batch", map[string]any{"function_id": square, "tasks": tasks}, 202, &batch)
+	var q struct{ Tasks []TaskView }
+	c.json("GET", "/v1/tasks?state=queued&limit=1000", nil, 200, &q)
+	if len(q.Tasks) != n {
+		t.Fatalf("%d tasks queued before the kill, want %d", len(q.Tasks), n)
+	}
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	killed = true
+
+	ts := startServer(t, Config{StateDir: state, ImagesDir: images, MaxVMs: 1})
+	tv := await(t, ts.c, sleepID)
+	if tv.State != StateFailed || tv.Error != RestartReason {
+		t.Errorf("sleeper after restart = %s %q, want failed with %q", tv.State, tv.Error, RestartReason)
+	}
+	for i, id := range batch.TaskIDs {
+		tv := await(t, ts.c, id)
+		r := resultOf(t, tv)
+		if tv.State != StateSucceeded || string(r.Value.Data) != strconv.Itoa(i*i) {
+			t.Fatalf("task %d after restart = %s %s (%s), want %d", i, tv.State, r.Value.Data, tv.Error, i*i)
+		}
+		rec, err := ts.Store().Task(context.Background(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rec.Attempts != 1 || rec.Completions != 1 {
+			t.Errorf("task %d: attempts %d, completions %d; want 1 and 1 (ran exactly once)", i, rec.Attempts, rec.Completions)
+		}
+	}
+}
+
+// BenchmarkLoad: 8 clients × 500 tasks of a small numpy function, each
+// task checked for exactly one correct result. Run it once:
+//
+//	go test -run XXX -bench BenchmarkLoad -benchtime 1x ./internal/endpoint/
+//
+// KILN_BENCH_CLIENTS, KILN_BENCH_TASKS and KILN_BENCH_VMS change the shape.
+func BenchmarkLoad(b *testing.B) {
+	env := func(k string, def int) int {
+		if v, err := strconv.Atoi(os.Getenv(k)); err == nil && v > 0 {
+			return v
+		}
+		return def
+	}
+	clients, per, vms := env("KILN_BENCH_CLIENTS", 8), env("KILN_BENCH_TASKS", 500), env("KILN_BENCH_VMS", 0)
+	ts := startServer(b, Config{ImagesDir: imagesDir(b), MaxVMs: vms, IdleTimeout: time.Hour})
+	square := register(b, ts.c, map[string]any{"image": "numpy", "source": squareSrc})
+	// Warm the pool to its size so the numbers measure warm dispatch.
+	warm := ts.Config().PoolMax
+	var ids []string
+	for i := 0; i < warm; i++ {
+		ids = append(ids, submitOne(b, ts.c, square, i))
+	}
+	for _, id := range ids {
+		await(b, ts.c, id)
+	}
+	b.ResetTimer()
+	var all []time.Duration
+	t0 := time.Now()
+	for i := 0; i < b.N; i++ {
+		all = append(all, runLoad(b, ts, square, clients, per)...)
+	}
+	el := time.Since(t0)
+	b.StopTimer()
+	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+	q := func(p float64) float64 { return all[int(p*float64(len(all)-1))].Seconds() * 1000 }
+	b.ReportMetric(float64(len(all))/el.Seconds(), "tasks/s")
+	b.ReportMetric(q(0.5), "p50-ms")
+	b.ReportMetric(q(0.99), "p99-ms")
+	b.ReportMetric(float64(ts.Config().MaxVMs), "vms")
+}
