@@ -128,7 +128,8 @@ func TestVM(t *testing.T) {
 	})
 
 	t.Run("exactly once under load", func(t *testing.T) {
-		runLoad(t, ts, square, 4, 25)
+		runLoad(t, ts, square, 4, 25, false)
+		runLoad(t, ts, square, 2, 5, true)
 	})
 
 	t.Run("sdk", func(t *testing.T) {
@@ -224,7 +225,11 @@ func post(url, token, path string, body, dst any) error {
 // runLoad has clients submit per tasks each (square of a distinct number),
 // waits for them all, and checks that each finished once with the right
 // value. It returns the tasks' submit-to-finish latencies.
-func runLoad(tb testing.TB, ts *testServer, fnID string, clients, per int) []time.Duration {
+// runLoad runs clients×per tasks and checks each ran exactly once with the
+// right result. Open loop (closed false): each client submits all its tasks,
+// then waits for them, so latencies include queueing. Closed loop: each
+// client submits one task and waits for it before the next.
+func runLoad(tb testing.TB, ts *testServer, fnID string, clients, per int, closed bool) []time.Duration {
 	var mu sync.Mutex
 	var lat []time.Duration
 	ids := map[string]int{}
@@ -236,6 +241,40 @@ func runLoad(tb testing.TB, ts *testServer, fnID string, clients, per int) []tim
 			defer wg.Done()
 			errs <- func() error {
 				want := map[string]int{}
+				drain := func() error {
+					for len(want) > 0 {
+						pending := make([]string, 0, len(want))
+						for id := range want {
+							pending = append(pending, id)
+						}
+						var wr struct {
+							Tasks   []TaskView
+							Unknown []string
+						}
+						if err := post(ts.url, ts.Token(), "/v1/tasks/wait", map[string]any{"task_ids": pending, "timeout": "60s"}, &wr); err != nil {
+							return err
+						}
+						if len(wr.Unknown) > 0 {
+							return fmt.Errorf("unknown tasks %v", wr.Unknown)
+						}
+						for _, tv := range wr.Tasks {
+							n, ok := want[tv.ID]
+							if !ok {
+								return fmt.Errorf("task %s finished twice", tv.ID)
+							}
+							delete(want, tv.ID)
+							var r agentResult
+							json.Unmarshal(tv.Result, &r)
+							if tv.State != StateSucceeded || string(r.Value.Data) != strconv.Itoa(n*n) {
+								return fmt.Errorf("task %s: square(%d) = %s %s (%s), want %d", tv.ID, n, tv.State, r.Value.Data, tv.Error, n*n)
+							}
+							mu.Lock()
+							lat = append(lat, tv.FinishedAt.Sub(tv.CreatedAt))
+							mu.Unlock()
+						}
+					}
+					return nil
+				}
 				for i := 0; i < per; i++ {
 					n := cl*per + i
 					var sub struct {
@@ -248,37 +287,14 @@ func runLoad(tb testing.TB, ts *testServer, fnID string, clients, per int) []tim
 					mu.Lock()
 					ids[sub.TaskID] = n
 					mu.Unlock()
+					if closed {
+						if err := drain(); err != nil {
+							return err
+						}
+					}
 				}
-				for len(want) > 0 {
-					pending := make([]string, 0, len(want))
-					for id := range want {
-						pending = append(pending, id)
-					}
-					var wr struct {
-						Tasks   []TaskView
-						Unknown []string
-					}
-					if err := post(ts.url, ts.Token(), "/v1/tasks/wait", map[string]any{"task_ids": pending, "timeout": "60s"}, &wr); err != nil {
-						return err
-					}
-					if len(wr.Unknown) > 0 {
-						return fmt.Errorf("unknown tasks %v", wr.Unknown)
-					}
-					for _, tv := range wr.Tasks {
-						n, ok := want[tv.ID]
-						if !ok {
-							return fmt.Errorf("task %s finished twice", tv.ID)
-						}
-						delete(want, tv.ID)
-						var r agentResult
-						json.Unmarshal(tv.Result, &r)
-						if tv.State != StateSucceeded || string(r.Value.Data) != strconv.Itoa(n*n) {
-							return fmt.Errorf("task %s: square(%d) = %s %s (%s), want %d", tv.ID, n, tv.State, r.Value.Data, tv.Error, n*n)
-						}
-						mu.Lock()
-						lat = append(lat, tv.FinishedAt.Sub(tv.CreatedAt))
-						mu.Unlock()
-					}
+				if err := drain(); err != nil {
+					return err
 				}
 				return nil
 			}()
@@ -461,7 +477,7 @@ func BenchmarkLoad(b *testing.B) {
 	var all []time.Duration
 	t0 := time.Now()
 	for i := 0; i < b.N; i++ {
-		all = append(all, runLoad(b, ts, square, clients, per)...)
+		all = append(all, runLoad(b, ts, square, clients, per, os.Getenv("KILN_BENCH_CLOSED") != "")...)
 	}
 	el := time.Since(t0)
 	b.StopTimer()
