@@ -344,7 +344,7 @@ func (s *Server) Handler() http.Handler {
 		})
 	}
 	h("GET /v1/health", s.health)
-	h("GET /metrics", s.metrics)
+	mux.Handle("GET /metrics", s.m.handler(s.cfg.Log))
 	h("GET /v1/images", s.listImages)
 	h("POST /v1/functions", s.registerFunction)
 	h("GET /v1/functions", s.listFunctions)
@@ -434,15 +434,14 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) metrics(w http.ResponseWriter, r *http.Request) error {
-	counts, err := s.store.Counts(r.Context())
+// gauges reads the metrics' gauges at scrape time.
+func (s *Server) gauges(ctx context.Context) (gaugeSnapshot, error) {
+	counts, err := s.store.Counts(ctx)
 	if err != nil {
-		return err
+		return gaugeSnapshot{}, err
 	}
 	vms, mem, queued := s.sched.snapshot()
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	s.m.write(w, gaugeSnapshot{tasks: counts, vms: vms, vmMemMiB: mem, queued: queued, maxVMs: s.cfg.MaxVMs, maxMemMiB: s.cfg.MaxMemoryMiB})
-	return nil
+	return gaugeSnapshot{tasks: counts, vms: vms, vmMemMiB: mem, queued: queued, maxVMs: s.cfg.MaxVMs, maxMemMiB: s.cfg.MaxMemoryMiB}, nil
 }
 
 func (s *Server) listImages(w http.ResponseWriter, r *http.Request) error {
@@ -587,7 +586,7 @@ func (s *Server) enqueue(ctx context.Context, reqs []SubmitRequest) ([]string, e
 		}
 	}
 	if q := s.sched.queuedCount(); q+len(reqs) > s.cfg.MaxQueued {
-		s.m.add(func(m *metrics) { m.rejected += uint64(len(reqs)) })
+		s.m.rejected.Add(float64(len(reqs)))
 		e := errorf(http.StatusTooManyRequests, ErrCodeQueueFull, "the queue is full (%d tasks queued, limit %d): retry later", q, s.cfg.MaxQueued)
 		e.retryAfter = min(max(q/(10*s.cfg.MaxVMs), 1), 60)
 		return nil, e
@@ -602,7 +601,7 @@ func (s *Server) enqueue(ctx context.Context, reqs []SubmitRequest) ([]string, e
 	if _, err := s.store.InsertTasks(ctx, now, nts); err != nil {
 		return nil, err
 	}
-	s.m.add(func(m *metrics) { m.submitted += uint64(len(reqs)) })
+	s.m.submitted.Add(float64(len(reqs)))
 	byFn := map[string][]qitem{}
 	var order []string
 	for i, q := range reqs {
@@ -794,7 +793,7 @@ func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request) error {
 		}
 		if ok {
 			s.sched.removeQueued(t.FunctionID, id)
-			s.m.add(func(m *metrics) { m.completed[StateCancelled]++ })
+			s.m.completed.WithLabelValues(StateCancelled).Inc()
 			s.w.notify(id)
 		} else {
 			s.sched.cancelRunning(id) // it started meanwhile

@@ -209,6 +209,7 @@ func New(cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s.sched = newScheduler(&s.cfg, s.store, s.m, s.w.notify)
+	s.m.watch(s.gauges)
 	queued, err := s.store.Queued(ctx)
 	if err != nil {
 		return nil, err

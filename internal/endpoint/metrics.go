@@ -1,19 +1,19 @@
 package endpoint
 
 import (
+	"context"
 	"fmt"
-	"io"
-	"math"
-	"sort"
-	"strconv"
-	"strings"
-	"sync"
+	"log/slog"
+	"net/http"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// The metrics are written in the Prometheus text exposition format (0.0.4)
-// by this small registry: the client_golang module's dependencies are not
-// vendored in this repository.
+// The metrics live in a prometheus.Registry per Server (never the global
+// default registry, so several servers can share a process) and are served
+// by promhttp in the Prometheus text exposition format.
 
 // Acquire kinds label kiln_vm_acquire_seconds.
 const (
@@ -24,65 +24,81 @@ const (
 
 var latencyBuckets = []float64{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
 
-type histogram struct {
-	counts []uint64 // per bucket, not cumulative; last is +Inf
-	sum    float64
-	n      uint64
-}
-
-func (h *histogram) observe(v float64) {
-	if h.counts == nil {
-		h.counts = make([]uint64, len(latencyBuckets)+1)
-	}
-	i := sort.SearchFloat64s(latencyBuckets, v) // first bucket >= v
-	h.counts[i]++
-	h.sum += v
-	h.n++
-}
-
+// metrics holds the endpoint's counters and histograms; the gauges are read
+// at scrape time by a gaugeCollector (see watch).
 type metrics struct {
-	mu        sync.Mutex
-	queueWait histogram
-	acquire   map[string]*histogram
-	exec      histogram
-	completed map[string]uint64 // by final state
-	submitted uint64
-	rejected  uint64 // 429s
-	boots     map[string]uint64
-	bootFails uint64
+	reg       *prometheus.Registry
+	queueWait prometheus.Histogram
+	acquire   *prometheus.HistogramVec // by kind
+	exec      prometheus.Histogram
+	completed *prometheus.CounterVec // by final state
+	submitted prometheus.Counter
+	rejected  prometheus.Counter     // 429s
+	boots     *prometheus.CounterVec // by kind (cold, restore)
+	bootFails prometheus.Counter
 }
 
 func newMetrics() *metrics {
-	return &metrics{
-		acquire:   map[string]*histogram{AcquireWarm: {}, AcquireRestore: {}, AcquireCold: {}},
-		completed: map[string]uint64{StateSucceeded: 0, StateFailed: 0, StateCancelled: 0},
-		boots:     map[string]uint64{AcquireRestore: 0, AcquireCold: 0},
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		queueWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kiln_task_queue_wait_seconds",
+			Help:    "Time from submission (or requeue) to dispatch.",
+			Buckets: latencyBuckets,
+		}),
+		acquire: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "kiln_vm_acquire_seconds",
+			Help:    "Time to get a VM for a task: warm (idle VM), restore (snapshot) or cold (boot).",
+			Buckets: latencyBuckets,
+		}, []string{"kind"}),
+		exec: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kiln_task_execution_seconds",
+			Help:    "Time a task spent in its VM (the Invoke call).",
+			Buckets: latencyBuckets,
+		}),
+		completed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kiln_tasks_completed_total",
+			Help: "Tasks finished since the endpoint started, by final state.",
+		}, []string{"state"}),
+		submitted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kiln_tasks_submitted_total",
+			Help: "Tasks accepted since the endpoint started.",
+		}),
+		rejected: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kiln_tasks_rejected_total",
+			Help: "Submissions refused with 429 because the queue was full.",
+		}),
+		boots: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kiln_vm_starts_total",
+			Help: "VMs started, by how (cold boot or snapshot restore).",
+		}, []string{"kind"}),
+		bootFails: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kiln_vm_start_failures_total",
+			Help: "VM starts that failed.",
+		}),
 	}
+	// Create the labelled series up front so that they are exposed as 0
+	// before the first event.
+	for _, k := range []string{AcquireWarm, AcquireRestore, AcquireCold} {
+		m.acquire.WithLabelValues(k)
+	}
+	for _, st := range []string{StateSucceeded, StateFailed, StateCancelled} {
+		m.completed.WithLabelValues(st)
+	}
+	for _, k := range []string{AcquireRestore, AcquireCold} {
+		m.boots.WithLabelValues(k)
+	}
+	m.reg.MustRegister(m.queueWait, m.acquire, m.exec, m.completed, m.submitted, m.rejected, m.boots, m.bootFails)
+	return m
 }
 
-func (m *metrics) observeQueueWait(d time.Duration) {
-	m.mu.Lock()
-	m.queueWait.observe(d.Seconds())
-	m.mu.Unlock()
-}
+func (m *metrics) observeQueueWait(d time.Duration) { m.queueWait.Observe(d.Seconds()) }
 
 func (m *metrics) observeAcquire(kind string, d time.Duration) {
-	m.mu.Lock()
-	m.acquire[kind].observe(d.Seconds())
-	m.mu.Unlock()
+	m.acquire.WithLabelValues(kind).Observe(d.Seconds())
 }
 
-func (m *metrics) observeExec(d time.Duration) {
-	m.mu.Lock()
-	m.exec.observe(d.Seconds())
-	m.mu.Unlock()
-}
-
-func (m *metrics) add(f func(m *metrics)) {
-	m.mu.Lock()
-	f(m)
-	m.mu.Unlock()
-}
+func (m *metrics) observeExec(d time.Duration) { m.exec.Observe(d.Seconds()) }
 
 // gaugeSnapshot is read at scrape time from the store and the scheduler.
 type gaugeSnapshot struct {
@@ -94,84 +110,67 @@ type gaugeSnapshot struct {
 	maxMemMiB int
 }
 
-func fmtFloat(v float64) string {
-	if math.IsInf(v, 1) {
-		return "+Inf"
-	}
-	return strconv.FormatFloat(v, 'g', -1, 64)
+// watch registers the gauges, which snap reads at every scrape.
+func (m *metrics) watch(snap func(ctx context.Context) (gaugeSnapshot, error)) {
+	m.reg.MustRegister(&gaugeCollector{snap: snap})
 }
 
-func writeHistogram(w io.Writer, name, labels string, h *histogram) {
-	sep := ""
-	if labels != "" {
-		sep = ","
-	}
-	var cum uint64
-	for i, b := range latencyBuckets {
-		if h.counts != nil {
-			cum += h.counts[i]
-		}
-		fmt.Fprintf(w, "%s_bucket{%s%sle=\"%s\"} %d\n", name, labels, sep, fmtFloat(b), cum)
-	}
-	fmt.Fprintf(w, "%s_bucket{%s%sle=\"+Inf\"} %d\n", name, labels, sep, h.n)
-	if labels != "" {
-		labels = "{" + labels + "}"
-	}
-	fmt.Fprintf(w, "%s_sum%s %s\n", name, labels, fmtFloat(h.sum))
-	fmt.Fprintf(w, "%s_count%s %d\n", name, labels, h.n)
+// handler serves the registry; errors are logged to log and answered 500.
+func (m *metrics) handler(log *slog.Logger) http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{
+		ErrorLog:      promLogger{log},
+		ErrorHandling: promhttp.HTTPErrorOnError,
+		Timeout:       time.Minute,
+	})
 }
 
-func sortedKeys[V any](m map[string]V) []string {
-	ks := make([]string, 0, len(m))
-	for k := range m {
-		ks = append(ks, k)
-	}
-	sort.Strings(ks)
-	return ks
+// promLogger adapts a *slog.Logger to promhttp.Logger.
+type promLogger struct{ log *slog.Logger }
+
+func (l promLogger) Println(v ...any) { l.log.Error("serving metrics", "error", fmt.Sprint(v...)) }
+
+var (
+	descTasks     = prometheus.NewDesc("kiln_tasks", "Tasks in the store by state.", []string{"state"}, nil)
+	descQueued    = prometheus.NewDesc("kiln_scheduler_queued", "Tasks waiting in the scheduler's queues.", nil, nil)
+	descVMs       = prometheus.NewDesc("kiln_vms", "VMs by state.", []string{"state"}, nil)
+	descVMMem     = prometheus.NewDesc("kiln_vm_memory_mib", "Guest memory of the VMs that are running or starting.", nil, nil)
+	descVMsMax    = prometheus.NewDesc("kiln_vms_max", "The cap on concurrent VMs.", nil, nil)
+	descVMMemMax  = prometheus.NewDesc("kiln_vm_memory_max_mib", "The cap on the VMs' total guest memory.", nil, nil)
+	gaugeDescs    = []*prometheus.Desc{descTasks, descQueued, descVMs, descVMMem, descVMsMax, descVMMemMax}
+	scrapeTimeout = 30 * time.Second
+)
+
+// gaugeCollector reports the store's and the scheduler's gauges from one
+// snapshot per scrape, so that they are consistent with each other.
+type gaugeCollector struct {
+	snap func(ctx context.Context) (gaugeSnapshot, error)
 }
 
-// write renders every metric.
-func (m *metrics) write(w io.Writer, g gaugeSnapshot) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var b strings.Builder
-	b.WriteString("# HELP kiln_tasks Tasks in the store by state.\n# TYPE kiln_tasks gauge\n")
+func (c *gaugeCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range gaugeDescs {
+		ch <- d
+	}
+}
+
+func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
+	defer cancel()
+	g, err := c.snap(ctx)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(descTasks, err)
+		return
+	}
+	gauge := func(d *prometheus.Desc, v int, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(v), labels...)
+	}
 	for _, st := range States {
-		fmt.Fprintf(&b, "kiln_tasks{state=%q} %d\n", st, g.tasks[st])
+		gauge(descTasks, g.tasks[st], st)
 	}
-	b.WriteString("# HELP kiln_tasks_submitted_total Tasks accepted since the endpoint started.\n# TYPE kiln_tasks_submitted_total counter\n")
-	fmt.Fprintf(&b, "kiln_tasks_submitted_total %d\n", m.submitted)
-	b.WriteString("# HELP kiln_tasks_rejected_total Submissions refused with 429 because the queue was full.\n# TYPE kiln_tasks_rejected_total counter\n")
-	fmt.Fprintf(&b, "kiln_tasks_rejected_total %d\n", m.rejected)
-	b.WriteString("# HELP kiln_tasks_completed_total Tasks finished since the endpoint started, by final state.\n# TYPE kiln_tasks_completed_total counter\n")
-	for _, st := range sortedKeys(m.completed) {
-		fmt.Fprintf(&b, "kiln_tasks_completed_total{state=%q} %d\n", st, m.completed[st])
+	gauge(descQueued, g.queued)
+	for st, n := range g.vms {
+		gauge(descVMs, n, st)
 	}
-	b.WriteString("# HELP kiln_scheduler_queued Tasks waiting in the scheduler's queues.\n# TYPE kiln_scheduler_queued gauge\n")
-	fmt.Fprintf(&b, "kiln_scheduler_queued %d\n", g.queued)
-	b.WriteString("# HELP kiln_vms VMs by state.\n# TYPE kiln_vms gauge\n")
-	for _, st := range sortedKeys(g.vms) {
-		fmt.Fprintf(&b, "kiln_vms{state=%q} %d\n", st, g.vms[st])
-	}
-	b.WriteString("# HELP kiln_vm_memory_mib Guest memory of the VMs that are running or starting.\n# TYPE kiln_vm_memory_mib gauge\n")
-	fmt.Fprintf(&b, "kiln_vm_memory_mib %d\n", g.vmMemMiB)
-	b.WriteString("# HELP kiln_vms_max The cap on concurrent VMs.\n# TYPE kiln_vms_max gauge\n")
-	fmt.Fprintf(&b, "kiln_vms_max %d\n", g.maxVMs)
-	b.WriteString("# HELP kiln_vm_memory_max_mib The cap on the VMs' total guest memory.\n# TYPE kiln_vm_memory_max_mib gauge\n")
-	fmt.Fprintf(&b, "kiln_vm_memory_max_mib %d\n", g.maxMemMiB)
-	b.WriteString("# HELP kiln_vm_starts_total VMs started, by how (cold boot or snapshot restore).\n# TYPE kiln_vm_starts_total counter\n")
-	for _, k := range sortedKeys(m.boots) {
-		fmt.Fprintf(&b, "kiln_vm_starts_total{kind=%q} %d\n", k, m.boots[k])
-	}
-	b.WriteString("# HELP kiln_vm_start_failures_total VM starts that failed.\n# TYPE kiln_vm_start_failures_total counter\n")
-	fmt.Fprintf(&b, "kiln_vm_start_failures_total %d\n", m.bootFails)
-	b.WriteString("# HELP kiln_task_queue_wait_seconds Time from submission (or requeue) to dispatch.\n# TYPE kiln_task_queue_wait_seconds histogram\n")
-	writeHistogram(&b, "kiln_task_queue_wait_seconds", "", &m.queueWait)
-	b.WriteString("# HELP kiln_vm_acquire_seconds Time to get a VM for a task: warm (idle VM), restore (snapshot) or cold (boot).\n# TYPE kiln_vm_acquire_seconds histogram\n")
-	for _, k := range []string{AcquireWarm, AcquireRestore, AcquireCold} {
-		writeHistogram(&b, "kiln_vm_acquire_seconds", fmt.Sprintf("kind=%q", k), m.acquire[k])
-	}
-	b.WriteString("# HELP kiln_task_execution_seconds Time a task spent in its VM (the Invoke call).\n# TYPE kiln_task_execution_seconds histogram\n")
-	writeHistogram(&b, "kiln_task_execution_seconds", "", &m.exec)
-	io.WriteString(w, b.String())
+	gauge(descVMMem, g.vmMemMiB)
+	gauge(descVMsMax, g.maxVMs)
+	gauge(descVMMemMax, g.maxMemMiB)
 }

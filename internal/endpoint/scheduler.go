@@ -358,7 +358,7 @@ func (s *scheduler) startVM(p *pool) {
 	if err != nil {
 		s.nVMs--
 		s.memMiB -= p.key.memMiB
-		s.m.add(func(m *metrics) { m.bootFails++ })
+		s.m.bootFails.Inc()
 		var failed []failure
 		if s.ctx.Err() == nil {
 			s.log.Warn("starting a VM failed", "image", p.path, "error", err)
@@ -375,7 +375,7 @@ func (s *scheduler) startVM(p *pool) {
 	if sb.Timings().StateLoaded > 0 {
 		kind = AcquireRestore
 	}
-	s.m.add(func(m *metrics) { m.boots[kind]++ })
+	s.m.boots.WithLabelValues(kind).Inc()
 	v := &vm{sb: sb, pool: p, lastUsed: time.Now(), fresh: true, kind: kind, startDur: dur}
 	if s.ctx.Err() != nil {
 		s.dropLocked(v)
@@ -431,7 +431,7 @@ func (s *scheduler) complete(id string, c Completion) {
 		s.log.Warn("task was already complete; result dropped", "task", id)
 		return
 	}
-	s.m.add(func(m *metrics) { m.completed[c.State]++ })
+	s.m.completed.WithLabelValues(c.State).Inc()
 	s.notify(id)
 }
 
