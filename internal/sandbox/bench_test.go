@@ -42,15 +42,15 @@ func quantile(d []time.Duration, q float64) time.Duration {
 }
 
 func row(b *testing.B, name string, d []time.Duration) {
-	b.Logf("| %-34s | %3d | %8.3f | %8.3f | %8.3f | %8.3f |", name, len(d),
+	benchf("| %-34s | %3d | %8.3f | %8.3f | %8.3f | %8.3f |", name, len(d),
 		quantile(d, 0).Seconds(), quantile(d, 0.5).Seconds(), quantile(d, 0.9).Seconds(), quantile(d, 1).Seconds())
 }
 
 func header(b *testing.B, what string) {
 	acc, _ := vmm.DetectAccel()
 	host, _ := os.Hostname()
-	b.Logf("%s — accel %s, host %s, %d CPUs", what, acc, host, numCPU())
-	b.Logf("| %-34s | %3s | %8s | %8s | %8s | %8s |", "row", "n", "min s", "p50 s", "p90 s", "max s")
+	benchf("%s — accel %s, host %s, %d CPUs", what, acc, host, numCPU())
+	benchf("| %-34s | %3s | %8s | %8s | %8s | %8s |", "row", "n", "min s", "p50 s", "p90 s", "max s")
 }
 
 func numCPU() int {
@@ -103,7 +103,7 @@ func BenchmarkColdStart(b *testing.B) {
 	row(b, "kiln snapshot restore → first result", restore)
 	row(b, "host python3 process (import numpy)", host)
 	c50, r50, h50 := quantile(cold, .5), quantile(restore, .5), quantile(host, .5)
-	b.Logf("cold/restore p50 = %.1f×, restore/host p50 = %.2f×", c50.Seconds()/r50.Seconds(), r50.Seconds()/h50.Seconds())
+	benchf("cold/restore p50 = %.1f×, restore/host p50 = %.2f×", c50.Seconds()/r50.Seconds(), r50.Seconds()/h50.Seconds())
 	b.ReportMetric(c50.Seconds(), "cold-p50-s")
 	b.ReportMetric(r50.Seconds(), "restore-p50-s")
 	b.ReportMetric(h50.Seconds(), "host-p50-s")
@@ -162,15 +162,15 @@ func BenchmarkClonePSS(b *testing.B) {
 	}
 	time.Sleep(time.Second)
 	var total int64
-	b.Logf("PSS of QEMU processes (numpy imported, one call served), accel and host as above")
-	b.Logf("cold-booted VM: %d MiB", coldPSS>>20)
+	benchf("PSS of QEMU processes (numpy imported, one call served), accel and host as above")
+	benchf("cold-booted VM: %d MiB", coldPSS>>20)
 	for i, c := range clones {
 		p := pss(b, c.VMPid())
 		total += p
-		b.Logf("clone %2d: %d MiB", i+1, p>>20)
+		benchf("clone %2d: %d MiB", i+1, p>>20)
 	}
 	avg := total / int64(len(clones))
-	b.Logf("10 clones: %d MiB in all, %d MiB each on average = %.2f of a cold-booted VM", total>>20, avg>>20, float64(avg)/float64(coldPSS))
+	benchf("10 clones: %d MiB in all, %d MiB each on average = %.2f of a cold-booted VM", total>>20, avg>>20, float64(avg)/float64(coldPSS))
 	b.ReportMetric(float64(coldPSS>>20), "cold-MiB")
 	b.ReportMetric(float64(avg>>20), "clone-avg-MiB")
 }
@@ -224,7 +224,13 @@ func BenchmarkWarmInvoke(b *testing.B) {
 	row(b, "kiln warm VM: numpy sum(arange(100))", kNp)
 	row(b, "host python3 process: no-op", hNoop)
 	row(b, "host python3 process: numpy", hNp)
-	b.Logf("in one warm host python3 process, median call: no-op / numpy = %s s", strings.Join(strings.Fields(string(out)), " / "))
+	benchf("in one warm host python3 process, median call: no-op / numpy = %s s", strings.Join(strings.Fields(string(out)), " / "))
 	b.ReportMetric(quantile(kNoop, .5).Seconds()*1000, "noop-p50-ms")
 	b.ReportMetric(quantile(kNp, .5).Seconds()*1000, "numpy-p50-ms")
+}
+
+// benchf prints a line of a benchmark's report to stdout (b.Logf output of
+// benchmarks is cut after a few lines).
+func benchf(format string, args ...any) {
+	fmt.Printf(format+"\n", args...)
 }
