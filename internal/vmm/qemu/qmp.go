@@ -393,9 +393,3 @@ func (q *qmpClient) write(ctx context.Context, b []byte, fd int) error {
 	}
 	return err
 }
-
-// close closes the connection and waits for the reader to stop.
-func (q *qmpClient) close() {
-	q.conn.Close()
-	<-q.done
-}
