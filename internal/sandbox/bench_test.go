@@ -7,12 +7,10 @@ package sandbox_test
 //	go test -run '^$' -bench . -benchtime 1x -timeout 60m ./internal/sandbox/
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -109,24 +107,6 @@ func BenchmarkColdStart(b *testing.B) {
 	b.ReportMetric(h50.Seconds(), "host-p50-s")
 }
 
-// pss returns the proportional set size of a process in bytes.
-func pss(b *testing.B, pid int) int64 {
-	f, err := os.Open(filepath.Join("/proc", strconv.Itoa(pid), "smaps_rollup"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), "Pss:"); ok {
-			kb, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
-			return kb << 10
-		}
-	}
-	b.Fatalf("no Pss for pid %d", pid)
-	return 0
-}
-
 // BenchmarkClonePSS restores 10 clones side by side and reports each QEMU
 // process's PSS, against a cold-booted VM of the same image doing the same
 // work.
@@ -149,7 +129,7 @@ func BenchmarkClonePSS(b *testing.B) {
 	}
 	start(sandbox.Options{Store: st}).Close()
 	cold := start(sandbox.Options{Snapshots: sandbox.SnapshotOff})
-	coldPSS := pss(b, cold.VMPid())
+	coldPSS := testutil.ProcKB(b, fmt.Sprintf("/proc/%d/smaps_rollup", cold.VMPid()), "Pss")
 	cold.Close()
 	var clones []*sandbox.Sandbox
 	defer func() {
@@ -165,7 +145,7 @@ func BenchmarkClonePSS(b *testing.B) {
 	benchf("PSS of QEMU processes (numpy imported, one call served), accel and host as above")
 	benchf("cold-booted VM: %d MiB", coldPSS>>20)
 	for i, c := range clones {
-		p := pss(b, c.VMPid())
+		p := testutil.ProcKB(b, fmt.Sprintf("/proc/%d/smaps_rollup", c.VMPid()), "Pss")
 		total += p
 		benchf("clone %2d: %d MiB", i+1, p>>20)
 	}

@@ -1,13 +1,10 @@
 package sandbox_test
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
-	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -142,31 +139,13 @@ func TestTimeoutReplacesVM(t *testing.T) {
 	}
 }
 
-// vmHWM returns this process's peak resident set size in bytes.
-func vmHWM(t *testing.T) int64 {
-	f, err := os.Open("/proc/self/status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
-			kb, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
-			return kb << 10
-		}
-	}
-	t.Fatal("no VmHWM in /proc/self/status")
-	return 0
-}
-
 func TestTooLargeAndOOM(t *testing.T) {
 	sb := start(t, sandbox.Options{})
 	_, err := invoke(t, sb, source("def big():\n    return 'x' * (50 << 20)\n", "big"))
 	if !errors.Is(err, sandbox.ErrTooLarge) {
 		t.Fatalf("Invoke(50 MiB result) error = %v, want ErrTooLarge", err)
 	}
-	if hwm := vmHWM(t); hwm > 200<<20 {
+	if hwm := testutil.ProcKB(t, "/proc/self/status", "VmHWM"); hwm > 200<<20 {
 		t.Errorf("host peak RSS = %d MiB, want under 200 MiB", hwm>>20)
 	}
 	// Far beyond the VM's memory in one go: MemoryError.
