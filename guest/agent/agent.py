@@ -753,6 +753,49 @@ def parse_args(argv):
     return opts
 
 
+def children(pid):
+    """Direct children of pid, from /proc/PID/task/*/children."""
+    kids = []
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return kids
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                kids.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return kids
+
+
+def reap_children():
+    """Kill what a task left running: a task's processes do not outlive it
+    (a fork bomb or a forgotten background process would otherwise hold the
+    warm VM's memory and pids for every later task)."""
+    direct = children(os.getpid())
+    if not direct:
+        return
+    import signal
+
+    todo, seen = list(direct), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo.extend(children(pid))
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in direct:
+        try:
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+
+
 def serve(conn):
     while True:
         frame = conn.recv()
@@ -784,6 +827,7 @@ def serve(conn):
             continue
         if ftype == T_TASK:
             conn.send(T_RESULT, run_task(payload))
+            reap_children()
         elif ftype == T_RESEED:
             conn.send_json(T_RESEEDED, reseed(payload))
         else:

@@ -260,3 +260,38 @@ func TestCloseReleasesEverything(t *testing.T) {
 		t.Errorf("goroutines after Close = %d, want at most %d", gr, gr0)
 	}
 }
+
+// TestGuestLimits: a fork bomb is bounded by the guest's memory and its
+// processes do not outlive the task; filling the disk stops at the
+// size-capped tmpfs (the image itself is read-only).
+func TestGuestLimits(t *testing.T) {
+	sb := start(t, sandbox.Options{Timeout: 2 * time.Minute})
+	forkBomb := "def f():\n    import os, time\n    n = 0\n    while n < 5000:\n        try:\n            pid = os.fork()\n        except OSError as e:\n            return [n, e.errno]\n        if pid == 0:\n            time.sleep(3600)\n            os._exit(0)\n        n += 1\n    return [n, 0]\n"
+	r, err := invoke(t, sb, source(forkBomb, "f"))
+	if err != nil || !r.OK {
+		t.Fatalf("Invoke(fork bomb) = %+v, %v; want a result", r, err)
+	}
+	var fb []int
+	if err := r.Value.Decode(&fb); err != nil || len(fb) != 2 || fb[0] == 0 || fb[1] == 0 {
+		t.Fatalf("fork bomb result = %s (%v), want [forks > 0, errno]", r.Value.Data, err)
+	}
+	r, err = invoke(t, sb, source("def f():\n    import os\n    return open('/proc/%d/task/%d/children' % (os.getpid(), os.getpid())).read().split()\n", "f"))
+	if err != nil || !r.OK {
+		t.Fatalf("Invoke after fork bomb = %+v, %v", r, err)
+	}
+	if string(r.Value.Data) != "[]" {
+		t.Errorf("agent children after the fork bomb = %s, want none left", r.Value.Data)
+	}
+	fill := "def f():\n    import os\n    n = 0\n    try:\n        with open('/tmp/fill', 'wb') as fh:\n            while True:\n                fh.write(b'x' * (1 << 20))\n                n += 1\n    except OSError as e:\n        os.remove('/tmp/fill')\n        try:\n            open('/usr/lib/kiln/new', 'w')\n        except OSError as e2:\n            return [e.errno, n, e2.errno]\n    return [0, n, 0]\n"
+	r, err = invoke(t, sb, source(fill, "f"))
+	if err != nil || !r.OK {
+		t.Fatalf("Invoke(fill /tmp) = %+v, %v", r, err)
+	}
+	var fl []int
+	if err := r.Value.Decode(&fl); err != nil || len(fl) != 3 {
+		t.Fatalf("fill result = %s (%v)", r.Value.Data, err)
+	}
+	if fl[0] != 28 || fl[1] > 256 || fl[2] != 30 {
+		t.Errorf("fill /tmp = errno %d after %d MiB, image write errno %d; want ENOSPC (28) within the tmpfs cap, and EROFS (30)", fl[0], fl[1], fl[2])
+	}
+}
