@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"time"
 
 	"github.com/kiln-dev/kiln/guest/agent"
@@ -54,6 +55,16 @@ type Step struct {
 	Detail  string        `json:"detail,omitempty"`
 }
 
+// CheckHost reports whether kiln can build images on a host of this OS and
+// architecture: images hold the host's own Python and libraries, and their
+// guest is x86_64 Linux.
+func CheckHost(goos, goarch string) error {
+	if goos != "linux" || goarch != "amd64" {
+		return fmt.Errorf("unsupported host %s/%s: kiln builds x86_64 Linux images from the host's own x86_64 Python; run kiln build on an x86_64 (amd64) Linux host", goos, goarch)
+	}
+	return nil
+}
+
 // FindInit locates the kiln-init binary: $KILN_INIT, then kiln-init next to
 // the running executable.
 func FindInit() (string, error) {
@@ -76,6 +87,9 @@ func FindInit() (string, error) {
 // Build turns a spec into one image file. Temporary files are removed on
 // every path; the image appears atomically at o.Output.
 func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
+	if err := CheckHost(runtime.GOOS, runtime.GOARCH); err != nil {
+		return nil, err
+	}
 	log := o.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)

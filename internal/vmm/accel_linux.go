@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"fmt"
+	"runtime"
 
 	"golang.org/x/sys/unix"
 )
@@ -19,6 +20,11 @@ const tcgHint = "using TCG emulation (10-15x slower); load kvm modules or run on
 // DetectAccel returns KVM when /dev/kvm can create a VM, else TCG with a
 // one-line reason for the user.
 func DetectAccel() (Accel, string) {
+	if runtime.GOARCH != "amd64" {
+		// KVM runs guests of the host's own architecture; kiln's guests
+		// are x86_64.
+		return TCG, "host is " + runtime.GOARCH + ", guests are x86_64: using TCG emulation (10-15x slower)"
+	}
 	return detectAccel("/dev/kvm")
 }
 
