@@ -78,7 +78,7 @@ func TestRunNumpy(t *testing.T) {
 	img := testutil.NumpyImage(t)
 	phases := map[string][]string{
 		"cold":     {"vmm_started", "init_started", "rootfs_mounted", "command_started", "command_exited"},
-		"snapshot": {"vmm_started", "state_loaded", "first_result"},
+		"snapshot": {"vmm_started", "state_loaded_resumed", "reseeded", "first_result"},
 	}
 	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {

@@ -20,6 +20,7 @@ func newInvokeCmd(a *app) *cobra.Command {
 	var fn, file, args, kwargs string
 	var timeout time.Duration
 	var repeat, maxResult int
+	var cold, timings bool
 	cmd := &cobra.Command{
 		Use:   "invoke IMAGE --function MOD:FN | --file handler.py --function FN",
 		Short: "Call a Python function in a warm VM and print its JSON result",
@@ -27,7 +28,11 @@ func newInvokeCmd(a *app) *cobra.Command {
 arguments and prints the result as JSON: value, stdout, stderr, timings. A
 function named MOD:FN is imported inside the image; with --file the
 function's source is sent (so client and guest need not share a Python or
-pickle version). --repeat reuses the warm VM and prints latency statistics.`,
+pickle version). --repeat reuses the warm VM and prints latency statistics.
+
+The VM is restored from a snapshot of the image taken after boot and after
+importing the spec's preload modules (created on first use); --cold boots
+a kernel instead.`,
 		Example: `  kiln invoke numpy.kimg --function math:factorial --args '[20]'
   kiln invoke numpy.kimg --file handler.py --function work --args '[1000]' --kwargs '{"seed": 1}'
   kiln invoke numpy.kimg --file handler.py --function work --repeat 100
@@ -42,11 +47,18 @@ pickle version). --repeat reuses the warm VM and prints latency statistics.`,
 			if err != nil {
 				return err
 			}
-			sb, err := sandbox.Start(cmd.Context(), argv[0], sandbox.Options{Launch: o, Timeout: timeout, MaxResult: maxResult})
+			so := sandbox.Options{Launch: o, Timeout: timeout, MaxResult: maxResult}
+			if cold {
+				so.Snapshots = sandbox.SnapshotOff
+			}
+			sb, err := sandbox.Start(cmd.Context(), argv[0], so)
 			if err != nil {
 				return err
 			}
 			defer sb.Close()
+			if timings {
+				defer func() { printTimings(a, sb.Timings(), false) }()
+			}
 			if repeat <= 1 {
 				res, err := sb.Invoke(cmd.Context(), t)
 				if err != nil {
@@ -87,6 +99,8 @@ pickle version). --repeat reuses the warm VM and prints latency statistics.`,
 	f.DurationVar(&timeout, "timeout", sandbox.DefaultTimeout, "per-call limit; the VM is killed and replaced when it passes")
 	f.IntVar(&repeat, "repeat", 1, "call N times on the same warm VM and print latency min/median/p90/max")
 	f.IntVar(&maxResult, "max-result", sandbox.DefaultMaxResult, "largest result in bytes")
+	f.BoolVar(&cold, "cold", false, "cold-boot instead of restoring a snapshot (the first use of an image creates its snapshot)")
+	f.BoolVar(&timings, "timings", false, "print the VM's phases to stderr: VMM start, state load (restore) or boot phases, first result")
 	return cmd
 }
 

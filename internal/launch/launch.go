@@ -112,7 +112,8 @@ type Timings struct {
 	RootfsMounted  time.Duration
 	CommandStarted time.Duration
 	CommandExited  time.Duration
-	StateLoaded    time.Duration // restore: device state loaded, guest resumed
+	StateLoaded    time.Duration // restore: device state loaded and the guest resumed (QMP RESUME)
+	Reseeded       time.Duration // restore: the clone has fresh entropy and the host's clock
 	FirstResult    time.Duration // sandbox: the first result arrived
 }
 
@@ -122,7 +123,7 @@ func (t Timings) Phases() []Phase {
 		{"vmm_started", t.VMMStarted}, {"kernel_started", t.KernelStarted},
 		{"init_started", t.InitStarted}, {"rootfs_mounted", t.RootfsMounted},
 		{"command_started", t.CommandStarted}, {"command_exited", t.CommandExited},
-		{"state_loaded", t.StateLoaded}, {"first_result", t.FirstResult},
+		{"state_loaded_resumed", t.StateLoaded}, {"reseeded", t.Reseeded}, {"first_result", t.FirstResult},
 	}
 	var out []Phase
 	for _, p := range all {

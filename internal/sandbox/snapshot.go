@@ -169,6 +169,7 @@ func restore(ctx context.Context, s *Sandbox, ram, state string) (_ *guestVM, er
 	if err := g.reseed(ctx); err != nil {
 		return nil, err
 	}
+	g.Timings.Reseeded = time.Since(g.Timings.Start)
 	return g, nil
 }
 
