@@ -127,6 +127,20 @@ func (a *agentProc) close() {
 	}
 }
 
+// logContains waits (bounded) for the agent's output to contain s: the
+// output reaches the test through a pipe copied by another goroutine, so a
+// line the agent wrote before a frame may arrive after it.
+func (a *agentProc) logContains(s string) bool {
+	deadline := time.Now().Add(ioTimeout)
+	for !strings.Contains(a.stderr.String(), s) {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
+}
+
 func (a *agentProc) next() proto.Frame {
 	a.t.Helper()
 	_ = a.conn.SetReadDeadline(time.Now().Add(ioTimeout))
@@ -472,7 +486,7 @@ func TestProtocol(t *testing.T) {
 	if r, _ := a.run(task.Task{ID: "ok", Kind: task.KindRef, Ref: "math:factorial", Args: jsonVal(t, []int{3})}); !r.OK || string(r.Value.Data) != "6" {
 		t.Errorf("task after ignored frames = %+v, want ok 6", r)
 	}
-	if !strings.Contains(a.stderr.String(), "ignoring frame of type 0x7f") {
+	if !a.logContains("ignoring frame of type 0x7f") {
 		t.Errorf("agent log = %q, want a note about the ignored frame", a.stderr.String())
 	}
 }
@@ -491,7 +505,7 @@ func TestBadStream(t *testing.T) {
 	if f, err := a.r.Next(); err != io.EOF && !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("Next after garbage = %v, %v, want io.EOF or a reset", f.Type, err)
 	}
-	if !strings.Contains(a.stderr.String(), "bad frame magic") {
+	if !a.logContains("bad frame magic") {
 		t.Errorf("agent log = %q, want it to name the bad magic", a.stderr.String())
 	}
 }
