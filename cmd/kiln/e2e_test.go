@@ -7,8 +7,10 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -247,5 +249,56 @@ func TestInvokeCLI(t *testing.T) {
 	var st map[string]float64
 	if err := json.Unmarshal([]byte(stdout), &st); err != nil || st["calls"] != 5 || st["median_ms"] <= 0 {
 		t.Errorf("kiln invoke --repeat 5 output = %s (%v), want 5 calls with latencies", stdout, err)
+	}
+}
+
+// TestRunInterrupt sends Ctrl-C (SIGINT) to a real kiln run and checks that
+// it exits promptly and leaves no QEMU behind.
+func TestRunInterrupt(t *testing.T) {
+	img := testutil.NumpyImage(t)
+	bin := testutil.Kiln(t)
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			cmd := exec.Command(bin, append(append([]string{"run", img}, m.flag...), "--", "python3", "-c", "import time; time.sleep(600)")...)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			var vmm []int
+			deadline := time.Now().Add(2 * time.Minute)
+			for len(vmm) == 0 && time.Now().Before(deadline) {
+				time.Sleep(100 * time.Millisecond)
+				vmm = testutil.Children(cmd.Process.Pid)
+			}
+			if len(vmm) == 0 {
+				cmd.Process.Kill()
+				cmd.Wait()
+				t.Fatalf("kiln run started no VMM in 2 minutes; stderr:\n%s", stderr.String())
+			}
+			time.Sleep(3 * time.Second)
+			t0 := time.Now()
+			if err := cmd.Process.Signal(os.Interrupt); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				if err == nil {
+					t.Errorf("kiln run exited 0 after Ctrl-C, want a failure")
+				}
+			case <-time.After(30 * time.Second):
+				cmd.Process.Kill()
+				<-done
+				t.Fatalf("kiln run did not exit within 30 s of Ctrl-C")
+			}
+			t.Logf("kiln run exited %s after Ctrl-C", time.Since(t0).Round(time.Millisecond))
+			for _, pid := range vmm {
+				if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil && !strings.Contains(string(b), ") Z ") {
+					t.Errorf("VMM %d still runs after kiln run exited", pid)
+				}
+			}
+		})
 	}
 }

@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"os"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -293,5 +296,31 @@ func TestGuestLimits(t *testing.T) {
 	}
 	if fl[0] != 28 || fl[1] > 256 || fl[2] != 30 {
 		t.Errorf("fill /tmp = errno %d after %d MiB, image write errno %d; want ENOSPC (28) within the tmpfs cap, and EROFS (30)", fl[0], fl[1], fl[2])
+	}
+}
+
+// TestStoppedVMM: a VMM that stops answering (SIGSTOP) is caught by the task
+// timeout, killed and replaced.
+func TestStoppedVMM(t *testing.T) {
+	sb := start(t, sandbox.Options{Timeout: 5 * time.Second})
+	pid := sb.VMPid()
+	if pid == 0 {
+		t.Fatal("VMPid() = 0 for a started sandbox")
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	_, err := invoke(t, sb, source("def f():\n    return 1\n", "f"))
+	if !errors.Is(err, sandbox.ErrTimeout) {
+		t.Fatalf("Invoke on a stopped VMM error = %v, want ErrTimeout", err)
+	}
+	if err := syscall.Kill(pid, 0); err == nil {
+		if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); !strings.Contains(string(st), ") Z ") {
+			t.Errorf("stopped VMM %d still exists after the timeout", pid)
+		}
+	}
+	r, err := invoke(t, sb, source("def f():\n    return 2\n", "f"))
+	if err != nil || !r.OK {
+		t.Fatalf("Invoke after the stopped VMM = %+v, %v", r, err)
 	}
 }

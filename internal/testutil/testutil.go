@@ -202,3 +202,63 @@ func ProcKB(t testing.TB, path, field string) int64 {
 	t.Fatalf("no %s in %s", field, path)
 	return 0
 }
+
+var (
+	kilnOnce sync.Once
+	kilnPath string
+	kilnErr  error
+)
+
+// Kiln builds the kiln CLI once and returns its path, with kiln-init beside
+// it (where the CLI looks for it).
+func Kiln(t testing.TB) string {
+	t.Helper()
+	initBin := KilnInit(t)
+	kilnOnce.Do(func() {
+		d, err := os.MkdirTemp(dir(t), "bin-")
+		if err != nil {
+			kilnErr = err
+			return
+		}
+		p := filepath.Join(d, "kiln")
+		cmd := exec.Command("go", "build", "-o", p, "./cmd/kiln")
+		cmd.Dir = RepoRoot(t)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			kilnErr = fmt.Errorf("go build ./cmd/kiln: %v\n%s", err, out)
+			return
+		}
+		b, err := os.ReadFile(initBin)
+		if err == nil {
+			err = os.WriteFile(filepath.Join(d, "kiln-init"), b, 0o755)
+		}
+		kilnErr = err
+		kilnPath = p
+	})
+	if kilnErr != nil {
+		t.Fatal(kilnErr)
+	}
+	return kilnPath
+}
+
+// Children returns the PIDs of the live processes whose parent is pid.
+func Children(pid int) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+		if len(f) > 1 && f[0] != "Z" && f[1] == strconv.Itoa(pid) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
