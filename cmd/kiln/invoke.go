@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -121,23 +120,13 @@ func makeTask(fn, file, args, kwargs string) (*task.Task, error) {
 	default:
 		return nil, errors.New("nothing to call: give --function MOD:FN, or --file handler.py --function FN")
 	}
-	var av []any
-	if err := json.Unmarshal([]byte(args), &av); err != nil {
-		return nil, fmt.Errorf("--args must be a JSON list: %w", err)
-	}
-	var kw map[string]any
-	if err := json.Unmarshal([]byte(kwargs), &kw); err != nil {
-		return nil, fmt.Errorf("--kwargs must be a JSON object: %w", err)
-	}
-	a, err := task.JSONValue(av)
-	if err != nil {
+	var err error
+	if t.Args, err = jsonValue("--args", args, '['); err != nil {
 		return nil, err
 	}
-	k, err := task.JSONValue(kw)
-	if err != nil {
+	if t.Kwargs, err = jsonValue("--kwargs", kwargs, '{'); err != nil {
 		return nil, err
 	}
-	t.Args, t.Kwargs = &a, &k
 	return t, nil
 }
 
