@@ -69,6 +69,6 @@ boots it as a single-purpose microVM on QEMU (KVM when available, TCG otherwise)
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().BoolVarP(&a.verbose, "verbose", "v", false, "log debug details (guest console, VMM command lines) to stderr")
-	root.AddCommand(newBuildCmd(a), newRunCmd(a), newInspectCmd(a), newInvokeCmd(a), newSnapshotCmd(a), newServeCmd(a), newSubmitCmd(a), newResultCmd(a), newVersionCmd(a))
+	root.AddCommand(newBuildCmd(a), newRunCmd(a), newInspectCmd(a), newInvokeCmd(a), newSnapshotCmd(a), newServeCmd(a), newSubmitCmd(a), newResultCmd(a), newBenchCmd(a), newVersionCmd(a))
 	return root
 }

@@ -37,3 +37,23 @@ func TestSize(t *testing.T) {
 		}
 	}
 }
+
+func TestDroppable(t *testing.T) {
+	tests := []struct {
+		p    string
+		want bool
+	}{
+		{"/s/usr/lib/python3/dist-packages/torch/bin/test_jit", true},
+		{"/s/opt/python/lib/python3.11/site-packages/pkg/helper", true},
+		{"/s/usr/lib/python3/dist-packages/torch/lib/libtorch.so", false},
+		{"/s/usr/lib/python3/dist-packages/numpy/core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so", false},
+		{"/s/usr/lib/x86_64-linux-gnu/libfoo.so.1", false},
+		{"/s/usr/bin/python3.11", false},
+		{"/elsewhere/usr/lib/python3/dist-packages/x/prog", false},
+	}
+	for _, tt := range tests {
+		if got := droppable("/s", tt.p); got != tt.want {
+			t.Errorf("droppable(/s, %s) = %v, want %v", tt.p, got, tt.want)
+		}
+	}
+}

@@ -550,7 +550,26 @@ func (st *stager) stageLibs(roots []string) (string, error) {
 		return "", fmt.Errorf("scanning staged files: %w", err)
 	}
 	r := &elfdeps.Resolver{Roots: roots, Log: st.log}
-	libs, interp, err := r.Closure(elfs)
+	var libs []elfdeps.Lib
+	var interp string
+	dropped := 0
+	for {
+		libs, interp, err = r.Closure(elfs)
+		var miss *elfdeps.MissingError
+		if err == nil || !errors.As(err, &miss) || !droppable(st.dir, miss.File) {
+			break
+		}
+		// A program shipped inside a Python package (torch/bin/test_jit, say)
+		// that needs a library no package provides could never run: leave
+		// it out rather than fail the build. Extension modules and the
+		// interpreter's own libraries stay errors.
+		st.log.Warn("leaving out a program whose library is missing", "program", strings.TrimPrefix(miss.File, st.dir), "missing", miss.Soname)
+		if err := os.Remove(miss.File); err != nil {
+			return "", fmt.Errorf("removing %s: %w", miss.File, err)
+		}
+		elfs = slices.DeleteFunc(elfs, func(p string) bool { return p == miss.File })
+		dropped++
+	}
 	if err != nil {
 		return "", fmt.Errorf("resolving shared libraries: %w", err)
 	}
@@ -583,7 +602,23 @@ func (st *stager) stageLibs(roots []string) (string, error) {
 			return "", err
 		}
 	}
-	return fmt.Sprintf("%d ELF files, %d libraries", len(elfs), n), nil
+	detail := fmt.Sprintf("%d ELF files, %d libraries", len(elfs), n)
+	if dropped > 0 {
+		detail += fmt.Sprintf(", %d programs left out (missing libraries)", dropped)
+	}
+	return detail, nil
+}
+
+// droppable reports whether the ELF file at p may be left out of the image
+// when a library it needs is missing: a program (not a shared object)
+// inside a Python package directory of the staged tree.
+func droppable(dir, p string) bool {
+	rel, ok := strings.CutPrefix(p, dir+"/")
+	if !ok || !(strings.Contains(rel, "/dist-packages/") || strings.Contains(rel, "/site-packages/")) {
+		return false
+	}
+	base := filepath.Base(p)
+	return !strings.HasSuffix(base, ".so") && !strings.Contains(base, ".so.")
 }
 
 // compile byte-compiles the staged Python sources with the build interpreter,
