@@ -45,7 +45,8 @@ type env struct {
 }
 
 // prepare stages pkg's rootfs tree and builds its image into o.Work/sim,
-// reusing both when the spec and kiln-init have not changed.
+// reusing both when the spec, the agent, kiln-init and kiln itself have not
+// changed.
 func prepare(ctx context.Context, o *Options, pkg string) (*env, error) {
 	s, data, err := Spec(pkg)
 	if err != nil {
@@ -62,6 +63,13 @@ func prepare(ctx context.Context, o *Options, pkg string) (*env, error) {
 	h.Write(agent.Source)
 	if b, err := os.ReadFile(initBin); err == nil {
 		h.Write(b)
+	}
+	// The running kiln holds the build code: a new kiln rebuilds the trees
+	// and images rather than measuring ones an older builder made.
+	if exe, err := os.Executable(); err == nil {
+		if b, err := os.ReadFile(exe); err == nil {
+			h.Write(b)
+		}
 	}
 	key := hex.EncodeToString(h.Sum(nil))[:16]
 	backing := filepath.Join(o.Work, "sim")

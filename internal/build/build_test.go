@@ -1,6 +1,8 @@
 package build
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -54,6 +56,55 @@ func TestDroppable(t *testing.T) {
 	for _, tt := range tests {
 		if got := droppable("/s", tt.p); got != tt.want {
 			t.Errorf("droppable(/s, %s) = %v, want %v", tt.p, got, tt.want)
+		}
+	}
+}
+
+// TestSymlinkTargets: a package symlink that points out of the staged tree
+// (Debian's torch/lib/*.so → /usr/lib/x86_64-linux-gnu/…) brings its target.
+func TestSymlinkTargets(t *testing.T) {
+	root, dir := t.TempDir(), t.TempDir()
+	write := func(base, p, data string) {
+		t.Helper()
+		full := filepath.Join(base, p)
+		if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(full, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := func(base, p, target string) {
+		t.Helper()
+		full := filepath.Join(base, p)
+		if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(target, full); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(root, "usr/lib/x86_64-linux-gnu/libdeps.so.1", "deps")
+	pkg := "usr/lib/python3/dist-packages/pkg/lib/"
+	link(dir, pkg+"libdeps.so", "../../../../x86_64-linux-gnu/libdeps.so.1") // out of the tree
+	link(dir, pkg+"libabs.so", "/usr/lib/x86_64-linux-gnu/libdeps.so.1")     // absolute
+	write(dir, pkg+"inside.txt", "in")
+	link(dir, pkg+"inside", "inside.txt")                                   // resolves in the tree
+	link(dir, pkg+"dangling.so", "../../../../x86_64-linux-gnu/libnone.so") // nowhere
+	st := &stager{dir: dir, keep: map[string]bool{}}
+	n, err := st.symlinkTargets("/usr/lib/python3/dist-packages", root)
+	if err != nil {
+		t.Fatalf("symlinkTargets() error = %v", err)
+	}
+	if n != 1 {
+		t.Errorf("symlinkTargets() copied %d files, want 1 (two links, one target)", n)
+	}
+	// Read through the relative link, and at the place the absolute link
+	// names inside the image.
+	for _, l := range []string{pkg + "libdeps.so", "usr/lib/x86_64-linux-gnu/libdeps.so.1"} {
+		got, err := os.ReadFile(filepath.Join(dir, l))
+		if err != nil || string(got) != "deps" {
+			t.Errorf("reading through %s = %q, %v; want \"deps\"", l, got, err)
 		}
 	}
 }

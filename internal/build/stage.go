@@ -461,7 +461,49 @@ func (st *stager) stageDebian(debroot string) (string, error) {
 			return "", fmt.Errorf("copying Debian python packages: %w", err)
 		}
 	}
-	return fmt.Sprintf("%d packages", len(pkgs)), nil
+	n, err := st.symlinkTargets(debSiteDir, debroot)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d packages, %d linked files", len(pkgs), n), nil
+}
+
+// symlinkTargets copies, from root, the targets of the symlinks under the
+// guest directory dir that point out of the staged tree. Debian's packages
+// link to their libraries this way (torch/lib/libtorch_global_deps.so →
+// /usr/lib/x86_64-linux-gnu/…), and Python opens some of them with ctypes,
+// so the ELF closure alone would not bring them in.
+func (st *stager) symlinkTargets(dir, root string) (int, error) {
+	n := 0
+	err := filepath.WalkDir(st.host(dir), func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.Type()&fs.ModeSymlink == 0 {
+			return err
+		}
+		if _, err := os.Stat(p); err == nil {
+			return nil // resolves inside the staged tree
+		}
+		guest := "/" + strings.TrimPrefix(p, st.dir+"/")
+		target, err := os.Readlink(p)
+		if err != nil {
+			return err
+		}
+		if !path.IsAbs(target) {
+			target = path.Join(path.Dir(guest), target)
+		}
+		src, ok := elfdeps.ResolveIn(root, target)
+		if !ok {
+			return nil // dangling in the package too: leave it
+		}
+		if err := copyFile(src, st.host(path.Clean(target))); err != nil {
+			return fmt.Errorf("copying %s, the target of %s: %w", target, guest, err)
+		}
+		n++
+		return nil
+	})
+	if err != nil {
+		return n, fmt.Errorf("copying symlinked files of Debian packages: %w", err)
+	}
+	return n, nil
 }
 
 const pipHint = `pip failed; kiln builds offline-friendly: add pip_args such as ["--no-index", "--find-links", "./wheels"] to kiln.toml`
