@@ -75,13 +75,7 @@ func KilnInit(t testing.TB) string {
 	d := dir(t)
 	initOnce.Do(func() {
 		p := filepath.Join(d, "kiln-init")
-		cmd := exec.Command("go", "build", "-trimpath", "-buildvcs=false", "-ldflags", "-s -w", "-o", p, "./cmd/kiln-init")
-		cmd.Dir = RepoRoot(t)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			initErr = fmt.Errorf("go build ./cmd/kiln-init: %v\n%s", err, out)
-			return
-		}
+		initErr = goBuild(t, p, "./cmd/kiln-init", []string{"CGO_ENABLED=0"}, "-trimpath", "-buildvcs=false", "-ldflags", "-s -w")
 		initPath = p
 	})
 	if initErr != nil {
@@ -221,10 +215,7 @@ func Kiln(t testing.TB) string {
 			return
 		}
 		p := filepath.Join(d, "kiln")
-		cmd := exec.Command("go", "build", "-o", p, "./cmd/kiln")
-		cmd.Dir = RepoRoot(t)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			kilnErr = fmt.Errorf("go build ./cmd/kiln: %v\n%s", err, out)
+		if kilnErr = goBuild(t, p, "./cmd/kiln", nil); kilnErr != nil {
 			return
 		}
 		b, err := os.ReadFile(initBin)
@@ -238,6 +229,17 @@ func Kiln(t testing.TB) string {
 		t.Fatal(kilnErr)
 	}
 	return kilnPath
+}
+
+// goBuild builds the main package pkg of this repository into out.
+func goBuild(t testing.TB, out, pkg string, env []string, flags ...string) error {
+	cmd := exec.Command("go", append(append([]string{"build"}, flags...), "-o", out, pkg)...)
+	cmd.Dir = RepoRoot(t)
+	cmd.Env = append(os.Environ(), env...)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build %s: %v\n%s", pkg, err, b)
+	}
+	return nil
 }
 
 // Children returns the PIDs of the live processes whose parent is pid.
