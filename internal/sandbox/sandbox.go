@@ -167,9 +167,16 @@ func (s *Sandbox) ensureVM(ctx context.Context) error {
 		s.Restores.Add(1)
 	} else if e := s.snapshotEntry(bctx); e != nil {
 		vm, err = restore(bctx, s, e.RAM, e.State)
-		if err == nil {
+		switch {
+		case err == nil:
 			s.Restores.Add(1)
-		} else {
+		case bctx.Err() != nil:
+			// Cancelled or out of time: the snapshot is not to blame.
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return &Error{Kind: KindStart, Msg: "restoring snapshot " + e.ID, Err: err}
+		default:
 			s.log.Warn("restoring the snapshot failed; removing it and cold-booting", "snapshot", e.ID, "error", err)
 			if rerr := s.opts.Store.Remove(e.ID); rerr != nil {
 				s.log.Warn("removing the snapshot", "snapshot", e.ID, "error", rerr)
