@@ -328,8 +328,6 @@ func (vm *VM) event(f proto.Frame) {
 // sandbox) that take over the control channel after Boot.
 func (vm *VM) Ctl() (*proto.Reader, net.Conn) { return vm.ctlR, vm.ctl }
 
-// Event records an Event frame read by a caller that owns the control port.
-func (vm *VM) Event(f proto.Frame) { vm.event(f) }
 
 // deathError explains why the guest stopped talking: a VMM exit (with the
 // console tail, which holds kernel panics) or a closed channel.

@@ -372,7 +372,8 @@ func (g *guestVM) readCtl(log *slog.Logger) {
 		case proto.Log:
 			log.Debug("guest", "line", string(f.Payload))
 		case proto.Event:
-			g.Event(f)
+			// Boot phases of serve-mode VMs are not recorded: Timings
+			// belongs to the goroutine that holds the sandbox.
 		case proto.Exit:
 			var e proto.ExitMsg
 			if json.Unmarshal(f.Payload, &e) == nil {
