@@ -328,7 +328,6 @@ func (vm *VM) event(f proto.Frame) {
 // sandbox) that take over the control channel after Boot.
 func (vm *VM) Ctl() (*proto.Reader, net.Conn) { return vm.ctlR, vm.ctl }
 
-
 // deathError explains why the guest stopped talking: a VMM exit (with the
 // console tail, which holds kernel panics) or a closed channel.
 func (vm *VM) deathError(doing string, err error) error {
