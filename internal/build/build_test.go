@@ -1,6 +1,8 @@
 package build
 
 import (
+	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -106,5 +108,35 @@ func TestSymlinkTargets(t *testing.T) {
 		if err != nil || string(got) != "deps" {
 			t.Errorf("reading through %s = %q, %v; want \"deps\"", l, got, err)
 		}
+	}
+}
+
+// TestMkSquashfs: reproducible bytes, and nothing left beside the output.
+func TestMkSquashfs(t *testing.T) {
+	tree, outDir := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(tree, "a.py"), []byte("x = 1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var imgs [][]byte
+	for _, name := range []string{"a.sqfs", "b.sqfs"} {
+		out := filepath.Join(outDir, name)
+		if err := MkSquashfs(context.Background(), tree, out); err != nil {
+			t.Fatalf("MkSquashfs() error = %v", err)
+		}
+		b, err := os.ReadFile(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) < 4 || string(b[:4]) != "hsqs" {
+			t.Fatalf("MkSquashfs() wrote %d bytes without the squashfs magic", len(b))
+		}
+		imgs = append(imgs, b)
+	}
+	if !bytes.Equal(imgs[0], imgs[1]) {
+		t.Errorf("two MkSquashfs runs differ, want identical bytes")
+	}
+	ents, _ := os.ReadDir(outDir)
+	if len(ents) != 2 {
+		t.Errorf("output directory holds %d entries, want 2 (no temporary files left)", len(ents))
 	}
 }

@@ -31,9 +31,20 @@ func MkErofs(ctx context.Context, dir, out, compression string) error {
 	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
 		return fmt.Errorf("making erofs: %s is not a directory", dir)
 	}
+	// Reproducible output: mkfs.erofs also honours SOURCE_DATE_EPOCH.
+	return mkfsAtomic(ctx, mkfs, out, []string{"SOURCE_DATE_EPOCH=0"}, func(tmp string) []string {
+		return append(args, tmp, dir)
+	})
+}
+
+// mkfsAtomic runs a filesystem maker whose arguments args(tmp) name a
+// temporary output file beside out, and renames it to out (mode 0644) when
+// the tool succeeds. The temporary file is removed on every failure.
+func mkfsAtomic(ctx context.Context, tool, out string, env []string, args func(tmp string) []string) error {
+	name := filepath.Base(tool)
 	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
 	if err != nil {
-		return fmt.Errorf("creating erofs image: %w", err)
+		return fmt.Errorf("creating %s image: %w", name, err)
 	}
 	tmp.Close()
 	ok := false
@@ -42,23 +53,21 @@ func MkErofs(ctx context.Context, dir, out, compression string) error {
 			os.Remove(tmp.Name())
 		}
 	}()
-	args = append(args, tmp.Name(), dir)
-	cmd := exec.CommandContext(ctx, mkfs, args...)
-	// Reproducible output: mkfs.erofs also honours SOURCE_DATE_EPOCH.
-	cmd.Env = append(os.Environ(), "SOURCE_DATE_EPOCH=0")
+	cmd := exec.CommandContext(ctx, tool, args(tmp.Name())...)
+	cmd.Env = append(os.Environ(), env...)
 	var outb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &outb, &outb
 	if err := cmd.Run(); err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		return fmt.Errorf("mkfs.erofs failed: %w: %s", err, tailString(outb.String(), 2000))
+		return fmt.Errorf("%s failed: %w: %s", name, err, tailString(outb.String(), 2000))
 	}
 	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return fmt.Errorf("creating erofs image: %w", err)
+		return fmt.Errorf("creating %s image: %w", name, err)
 	}
 	if err := os.Rename(tmp.Name(), out); err != nil {
-		return fmt.Errorf("creating erofs image: %w", err)
+		return fmt.Errorf("creating %s image: %w", name, err)
 	}
 	ok = true
 	return nil
