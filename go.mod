@@ -5,6 +5,7 @@ go 1.26.8
 // Why each direct dependency is here: docs/design.md, "Dependencies and why".
 require (
 	github.com/google/go-cmp v0.7.0
+	github.com/google/renameio/v2 v2.0.2
 	github.com/hanwen/go-fuse/v2 v2.12.1
 	github.com/pelletier/go-toml/v2 v2.4.3
 	github.com/prometheus/client_golang v1.25.0

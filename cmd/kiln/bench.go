@@ -8,14 +8,15 @@ import (
 
 	"github.com/kiln-dev/kiln/internal/bench"
 	"github.com/kiln-dev/kiln/internal/bench/simfs"
+	"github.com/kiln-dev/kiln/internal/size"
 )
 
 func newBenchCmd(a *app) *cobra.Command {
 	var o bench.Options
 	var model string
 	cmd := &cobra.Command{
-		Use:   "bench files|imports|coldstart|all|plot",
-		Short: "Run the benchmark experiments against a simulated shared filesystem",
+		Use:   "bench files|imports|coldstart|boot|invoke|all|plot|clean",
+		Short: "Run the benchmark experiments (shared-filesystem model, boot, invocation)",
 		Long: `Bench reproduces kiln's experiments and writes CSV, Markdown and PNG files
 into --out:
 
@@ -25,26 +26,47 @@ into --out:
              metadata latency; counts metadata operations
   coldstart  the same numpy job as a process, a bubblewrap container, a kiln
              cold boot and a kiln snapshot restore, interleaved (min/max/mean)
+  boot       the numpy image as erofs lz4hc, erofs uncompressed and squashfs
+             zstd, each cold-booted --runs times (default 5), interleaved:
+             image size, boot phases and import numpy inside the guest
+  invoke     warm-call latency (no-op and numpy) on one kiln VM, in a new
+             host python3 process per call and in one warm host python3,
+             interleaved; then the PSS of snapshot clones side by side
+             against a cold-booted VM
+  all        every experiment above, in this order
   plot       redraw the PNG files from the CSV files in --out
+  clean      remove the cached trees, images and test files (--work)
 
-The shared filesystem is a model: a FUSE passthrough (needs /dev/fuse and
-root) that adds latency to metadata operations and reads and counts them;
-its parameters are printed next to every result. Trees, images and test
-files are cached under <cache>/bench. A full run takes an hour or more
-(torch is large; VM rows run under TCG without KVM); --quick takes minutes.`,
+files, imports and coldstart use the shared-filesystem model: a FUSE
+passthrough (needs /dev/fuse and root) that adds latency to metadata
+operations and reads and counts them; its parameters are printed next to
+every result. boot and invoke run from the local disk and need no model
+and no root. Trees, images and test files are cached under <cache>/bench.
+A full run takes an hour or more (torch is large; VM rows run under TCG
+without KVM); --quick takes minutes.`,
 		Example: `  kiln bench all --quick --out /tmp/bench
+  kiln bench boot --runs 10 --out results/
   kiln bench imports --model lustre-busy --out results/
-  kiln bench coldstart --runs 20 --model meta=2ms,read=0.5ms,bw=500`,
+  kiln bench coldstart --runs 20 --model meta=2ms,read=0.5ms,bw=500
+  kiln bench clean`,
 		Args:      cobra.ExactArgs(1),
-		ValidArgs: append([]string{"all", "plot"}, bench.Experiments...),
+		ValidArgs: append([]string{"all", "plot", "clean"}, bench.Experiments...),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if args[0] == "clean" {
+				dir, freed, err := bench.Clean(o.Work)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(a.stdout, "removed %s from %s\n", size.Format(freed), dir)
+				return nil
+			}
 			if args[0] == "plot" {
 				files, err := bench.Replot(o.Out)
 				for _, f := range files {
 					fmt.Fprintln(a.stdout, "wrote", f)
 				}
 				if err == nil && len(files) == 0 {
-					err = fmt.Errorf("no files.csv, imports.csv or coldstart.csv in %s: run kiln bench first", o.Out)
+					err = fmt.Errorf("no files.csv, imports.csv, coldstart.csv or boot.csv in %s: run kiln bench first", o.Out)
 				}
 				return err
 			}
@@ -82,9 +104,9 @@ files are cached under <cache>/bench. A full run takes an hour or more
 	f.StringVar(&o.Out, "out", ".", "directory for the CSV, Markdown and PNG results")
 	f.BoolVar(&o.Quick, "quick", false, "small sizes and few runs: a smoke test of a few minutes (numbers are not a measurement)")
 	f.StringVar(&model, "model", "lustre-idle", "filesystem model for coldstart and the base of the imports sweep: a preset (local, lustre-idle, lustre-busy) and/or meta=DUR,read=DUR,bw=MB/s")
-	f.IntVar(&o.Runs, "runs", 0, "runs per measurement (default: coldstart 10, imports 2; --quick: 2 and 1)")
+	f.IntVar(&o.Runs, "runs", 0, "runs per measurement (default: coldstart 10, imports 2, boot 5, invoke 100 calls; --quick: 2, 1, 1 and 10)")
 	f.StringSliceVar(&o.Packages, "packages", nil, "packages for imports (default: numpy,scipy,torch; --quick: numpy)")
-	f.BoolVar(&o.NoVM, "no-vm", false, "leave out the rows that boot VMs")
+	f.BoolVar(&o.NoVM, "no-vm", false, "leave out the rows that boot VMs (and with all, the boot experiment)")
 	f.StringVar(&o.Work, "work", "", "directory for generated files, trees and images, on a local disk (default: <cache>/bench)")
 	return cmd
 }

@@ -6,6 +6,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-dev/kiln/internal/build"
+	"github.com/kiln-dev/kiln/internal/size"
 	"github.com/kiln-dev/kiln/internal/spec"
 )
 
@@ -52,7 +53,7 @@ byte-identical images.`,
 			for _, st := range res.Steps {
 				total += st.Elapsed.Seconds()
 			}
-			_, err = fmt.Fprintf(a.stdout, "built %s (%s) in %.1fs\ndigest sha256:%s\n", res.Path, build.Size(res.Size), total, res.Digest)
+			_, err = fmt.Fprintf(a.stdout, "built %s (%s) in %.1fs\ndigest sha256:%s\n", res.Path, size.Format(res.Size), total, res.Digest)
 			return err
 		},
 	}

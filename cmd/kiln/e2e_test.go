@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -12,11 +13,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/kiln-dev/kiln/internal/testutil"
+	"github.com/kiln-dev/kiln/internal/testutil/testimage"
 )
 
 func TestMain(m *testing.M) { testutil.Main(m) }
@@ -24,10 +28,16 @@ func TestMain(m *testing.M) { testutil.Main(m) }
 // kiln runs the CLI in-process and returns stdout, stderr and the error.
 func kiln(t *testing.T, args ...string) (string, string, error) {
 	t.Helper()
+	return kilnStdin(t, nil, args...)
+}
+
+// kilnStdin is kiln with stdin.
+func kilnStdin(t *testing.T, stdin io.Reader, args ...string) (string, string, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	var out, errb bytes.Buffer
-	err := run(ctx, args, &out, &errb)
+	err := run(ctx, args, stdin, &out, &errb)
 	return out.String(), errb.String(), err
 }
 
@@ -48,8 +58,10 @@ func sha(t *testing.T, p string) string {
 // TestBuildReproducible builds the numpy spec twice through the CLI and
 // compares the image bytes.
 func TestBuildReproducible(t *testing.T) {
+	testutil.NeedTool(t, "mkfs.erofs", "erofs-utils")
+	testutil.NeedNetwork(t)
 	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "kiln.toml"), []byte(testutil.NumpySpec), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "kiln.toml"), []byte(testimage.NumpySpec), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	initBin := testutil.KilnInit(t)
@@ -77,7 +89,7 @@ var modes = []struct {
 }{{"cold", []string{"--cold"}}, {"snapshot", nil}}
 
 func TestRunNumpy(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testimage.Numpy(t)
 	phases := map[string][]string{
 		"cold":     {"vmm_started", "init_started", "rootfs_mounted", "command_started", "command_exited"},
 		"snapshot": {"vmm_started", "state_loaded_resumed", "reseeded", "first_result"},
@@ -102,7 +114,7 @@ func TestRunNumpy(t *testing.T) {
 }
 
 func TestRunStatusAndStreams(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testimage.Numpy(t)
 	tests := []struct {
 		name       string
 		args       []string
@@ -140,8 +152,48 @@ func TestRunStatusAndStreams(t *testing.T) {
 	}
 }
 
+// TestRunStreams: stdin reaches the command with its end, 200,000 lines
+// arrive in order and complete, and a command that prints and exits 3
+// exits 3 with everything printed, in both modes.
+func TestRunStreams(t *testing.T) {
+	img := testimage.Numpy(t)
+	for _, m := range modes {
+		t.Run(m.name+"/stdin", func(t *testing.T) {
+			stdout, stderr, err := kilnStdin(t, strings.NewReader("a\nb\n"), append(append([]string{"run", img}, m.flag...), "--", "python3", "-c", "import sys; print(len(sys.stdin.read().split()))")...)
+			if err != nil || stdout != "2\n" {
+				t.Errorf("printf 'a\\nb\\n' | kiln run = %q, %v, want \"2\\n\"; stderr:\n%s", stdout, err, stderr)
+			}
+		})
+		t.Run(m.name+"/200000 lines", func(t *testing.T) {
+			stdout, stderr, err := kiln(t, append(append([]string{"run", img}, m.flag...), "--", "python3", "-c", "for i in range(200000): print(i)")...)
+			if err != nil {
+				t.Fatalf("kiln run error = %v; stderr:\n%s", err, stderr)
+			}
+			lines := strings.Split(strings.TrimSuffix(stdout, "\n"), "\n")
+			if len(lines) != 200000 {
+				t.Fatalf("kiln run printed %d lines, want 200000", len(lines))
+			}
+			for i, l := range lines {
+				if l != strconv.Itoa(i) {
+					t.Fatalf("line %d = %q, want %d (out of order or cut)", i, l, i)
+				}
+			}
+		})
+		t.Run(m.name+"/print then exit 3", func(t *testing.T) {
+			stdout, _, err := kiln(t, append(append([]string{"run", img}, m.flag...), "--", "python3", "-c", "import sys\nfor i in range(1000): print(i)\nprint('err', file=sys.stderr)\nsys.exit(3)")...)
+			var ec exitCode
+			if !errors.As(err, &ec) || int(ec) != 3 {
+				t.Errorf("kiln run exit = %v, want status 3", err)
+			}
+			if n := strings.Count(stdout, "\n"); n != 1000 {
+				t.Errorf("kiln run printed %d lines before exiting 3, want 1000", n)
+			}
+		})
+	}
+}
+
 func TestRunTimeout(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testimage.Numpy(t)
 	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {
 			t0 := time.Now()
@@ -157,7 +209,7 @@ func TestRunTimeout(t *testing.T) {
 }
 
 func TestInspect(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testimage.Numpy(t)
 	stdout, _, err := kiln(t, "inspect", img)
 	if err != nil {
 		t.Fatalf("kiln inspect error = %v", err)
@@ -191,7 +243,7 @@ func TestInspect(t *testing.T) {
 }
 
 func TestCorruptImageRejected(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testimage.Numpy(t)
 	data, err := os.ReadFile(img)
 	if err != nil {
 		t.Fatal(err)
@@ -221,7 +273,7 @@ func TestCorruptImageRejected(t *testing.T) {
 }
 
 func TestInvokeCLI(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testimage.Numpy(t)
 	dir := t.TempDir()
 	handler := filepath.Join(dir, "handler.py")
 	if err := os.WriteFile(handler, []byte("import numpy as np\n\ndef work(n, scale=1):\n    print('working')\n    return float(np.arange(n).sum()) * scale\n"), 0o644); err != nil {
@@ -242,6 +294,26 @@ func TestInvokeCLI(t *testing.T) {
 	if !res.OK || string(res.Value.Data) != "90.0" && string(res.Value.Data) != "90" || res.Stdout != "working\n" {
 		t.Errorf("kiln invoke result = %+v (value %s), want ok, 90, stdout \"working\\n\"", res, res.Value.Data)
 	}
+	// fd-level output: os.write and a subprocess, captured and streamed.
+	fdh := filepath.Join(dir, "fd.py")
+	if err := os.WriteFile(fdh, []byte("def f():\n    import os, subprocess\n    os.write(1, b'fd-line\\n')\n    subprocess.run(['python3', '-c', 'print(\"sub-line\")'], check=True)\n    return 1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, flags := range [][]string{nil, {"--stream"}} {
+		stdout, stderr, err = kiln(t, append([]string{"invoke", img, "--file", fdh, "--function", "f"}, flags...)...)
+		if err != nil {
+			t.Fatalf("kiln invoke %v error = %v\nstderr:\n%s", flags, err, stderr)
+		}
+		if err := json.Unmarshal([]byte(stdout), &res); err != nil {
+			t.Fatalf("kiln invoke output is not JSON: %v\n%s", err, stdout)
+		}
+		if res.Stdout != "fd-line\nsub-line\n" {
+			t.Errorf("kiln invoke %v stdout = %q, want \"fd-line\\nsub-line\\n\"", flags, res.Stdout)
+		}
+		if flags != nil && !strings.Contains(stderr, "fd-line\nsub-line\n") {
+			t.Errorf("kiln invoke --stream stderr = %q, want the streamed lines", stderr)
+		}
+	}
 	stdout, _, err = kiln(t, "invoke", img, "--function", "math:factorial", "--args", "[5]", "--repeat", "5")
 	if err != nil {
 		t.Fatalf("kiln invoke --repeat error = %v", err)
@@ -252,53 +324,83 @@ func TestInvokeCLI(t *testing.T) {
 	}
 }
 
-// TestRunInterrupt sends Ctrl-C (SIGINT) to a real kiln run and checks that
-// it exits promptly and leaves no QEMU behind.
+// TestRunInterrupt sends Ctrl-C (SIGINT) and SIGTERM to a real kiln run
+// whose command is running, and checks that it exits promptly with 130 or
+// 143, says "interrupted" and leaves no QEMU behind.
 func TestRunInterrupt(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testimage.Numpy(t)
 	bin := testutil.Kiln(t)
-	for _, m := range modes {
-		t.Run(m.name, func(t *testing.T) {
-			cmd := exec.Command(bin, append(append([]string{"run", img}, m.flag...), "--", "python3", "-c", "import time; time.sleep(600)")...)
-			var stderr bytes.Buffer
-			cmd.Stderr = &stderr
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			var vmm []int
-			deadline := time.Now().Add(2 * time.Minute)
-			for len(vmm) == 0 && time.Now().Before(deadline) {
-				time.Sleep(100 * time.Millisecond)
-				vmm = testutil.Children(cmd.Process.Pid)
-			}
-			if len(vmm) == 0 {
-				cmd.Process.Kill()
-				cmd.Wait()
-				t.Fatalf("kiln run started no VMM in 2 minutes; stderr:\n%s", stderr.String())
-			}
-			time.Sleep(3 * time.Second)
-			t0 := time.Now()
-			if err := cmd.Process.Signal(os.Interrupt); err != nil {
-				t.Fatal(err)
-			}
-			done := make(chan error, 1)
-			go func() { done <- cmd.Wait() }()
-			select {
-			case err := <-done:
-				if err == nil {
-					t.Errorf("kiln run exited 0 after Ctrl-C, want a failure")
+	for _, sig := range []struct {
+		name string
+		sig  os.Signal
+		code int
+	}{{"SIGINT", os.Interrupt, 130}, {"SIGTERM", syscall.SIGTERM, 143}} {
+		for _, m := range modes {
+			t.Run(sig.name+"/"+m.name, func(t *testing.T) {
+				cmd := exec.Command(bin, append(append([]string{"run", img}, m.flag...), "--", "python3", "-c", "import time; print('ready', flush=True); time.sleep(600)")...)
+				var stderr bytes.Buffer
+				cmd.Stderr = &stderr
+				stdout, err := cmd.StdoutPipe()
+				if err != nil {
+					t.Fatal(err)
 				}
-			case <-time.After(30 * time.Second):
-				cmd.Process.Kill()
-				<-done
-				t.Fatalf("kiln run did not exit within 30 s of Ctrl-C")
-			}
-			t.Logf("kiln run exited %s after Ctrl-C", time.Since(t0).Round(time.Millisecond))
-			for _, pid := range vmm {
-				if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil && !strings.Contains(string(b), ") Z ") {
-					t.Errorf("VMM %d still runs after kiln run exited", pid)
+				if err := cmd.Start(); err != nil {
+					t.Fatal(err)
 				}
-			}
-		})
+				// Wait for the command to run (its line streams out), with a deadline.
+				ready := make(chan error, 1)
+				go func() {
+					line, err := bufio.NewReader(stdout).ReadString('\n')
+					if err == nil && line != "ready\n" {
+						err = fmt.Errorf("first line %q, want ready", line)
+					}
+					ready <- err
+				}()
+				select {
+				case err := <-ready:
+					if err != nil {
+						cmd.Process.Kill()
+						cmd.Wait()
+						t.Fatalf("kiln run: %v; stderr:\n%s", err, stderr.String())
+					}
+				case <-time.After(3 * time.Minute):
+					cmd.Process.Kill()
+					cmd.Wait()
+					t.Fatalf("the command did not start in 3 minutes; stderr:\n%s", stderr.String())
+				}
+				vmm := testutil.Children(cmd.Process.Pid)
+				if len(vmm) == 0 {
+					t.Fatalf("kiln run runs no VMM while its command runs")
+				}
+				t0 := time.Now()
+				if err := cmd.Process.Signal(sig.sig); err != nil {
+					t.Fatal(err)
+				}
+				done := make(chan error, 1)
+				go func() { done <- cmd.Wait() }()
+				select {
+				case err := <-done:
+					if err == nil {
+						t.Errorf("kiln run exited 0 after %s, want a failure", sig.name)
+					}
+				case <-time.After(30 * time.Second):
+					cmd.Process.Kill()
+					<-done
+					t.Fatalf("kiln run did not exit within 30 s of %s", sig.name)
+				}
+				t.Logf("kiln run exited %s after %s", time.Since(t0).Round(time.Millisecond), sig.name)
+				if got := cmd.ProcessState.ExitCode(); got != sig.code {
+					t.Errorf("kiln run exit status after %s = %d, want %d", sig.name, got, sig.code)
+				}
+				if !strings.Contains(stderr.String(), "kiln: interrupted") {
+					t.Errorf("kiln run stderr after %s = %q, want \"kiln: interrupted\"", sig.name, stderr.String())
+				}
+				for _, pid := range vmm {
+					if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil && !strings.Contains(string(b), ") Z ") {
+						t.Errorf("VMM %d still runs after kiln run exited", pid)
+					}
+				}
+			})
+		}
 	}
 }

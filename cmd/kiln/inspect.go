@@ -7,8 +7,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/kiln-dev/kiln/internal/build"
 	"github.com/kiln-dev/kiln/internal/image"
+	"github.com/kiln-dev/kiln/internal/size"
 )
 
 func newInspectCmd(a *app) *cobra.Command {
@@ -36,10 +36,10 @@ func newInspectCmd(a *app) *cobra.Command {
 			fmt.Fprintf(w, "image\t%s\n", img.Path)
 			fmt.Fprintf(w, "name\t%s\n", m.Name)
 			fmt.Fprintf(w, "digest\tsha256:%s\n", img.Digest)
-			fmt.Fprintf(w, "size\t%s\n", build.Size(img.Size))
+			fmt.Fprintf(w, "size\t%s\n", size.Format(img.Size))
 			fmt.Fprintf(w, "python\t%s (%s)\n", m.Python.Version, m.Python.Executable)
 			fmt.Fprintf(w, "kernel\t%s %s\n", m.Kernel.Version, strings.Join(m.Kernel.Modules, ","))
-			fmt.Fprintf(w, "rootfs\t%s/%s, %d files, %s uncompressed\n", m.Rootfs.Filesystem, m.Rootfs.Compression, m.Rootfs.Files, build.Size(m.Rootfs.TreeBytes))
+			fmt.Fprintf(w, "rootfs\t%s/%s, %d files, %s uncompressed\n", m.Rootfs.Filesystem, m.Rootfs.Compression, m.Rootfs.Files, size.Format(m.Rootfs.TreeBytes))
 			fmt.Fprintf(w, "vm\t%d MiB, %d vcpus\n", m.MemoryMiB, m.VCPUs)
 			if len(m.Command) > 0 {
 				fmt.Fprintf(w, "command\t%s\n", strings.Join(m.Command, " "))
@@ -49,7 +49,7 @@ func newInspectCmd(a *app) *cobra.Command {
 			}
 			fmt.Fprintln(w, "\nPART\tOFFSET\tSIZE\tSHA256")
 			for _, p := range img.Parts {
-				fmt.Fprintf(w, "%s\t%d\t%s\t%s\n", p.Name, p.Offset, build.Size(p.Size), p.SHA256)
+				fmt.Fprintf(w, "%s\t%d\t%s\t%s\n", p.Name, p.Offset, size.Format(p.Size), p.SHA256)
 			}
 			fmt.Fprintln(w, "\nDISTRIBUTION\tVERSION\tSOURCE")
 			for _, d := range m.Distributions {

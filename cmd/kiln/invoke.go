@@ -1,25 +1,23 @@
 package main
 
 import (
-	"errors"
 	"fmt"
-	"os"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/kiln-dev/kiln/internal/guest/task"
+	"github.com/kiln-dev/kiln/internal/image"
 	"github.com/kiln-dev/kiln/internal/sandbox"
+	"github.com/kiln-dev/kiln/internal/size"
 )
 
 func newInvokeCmd(a *app) *cobra.Command {
 	var vf vmFlags
-	var fn, file, args, kwargs string
+	var tf taskFlags
 	var timeout time.Duration
-	var repeat, maxResult int
-	var cold, timings bool
+	var repeat, maxResult, maxOutput int
+	var cold, timings, stream bool
 	cmd := &cobra.Command{
 		Use:   "invoke IMAGE --function MOD:FN | --file handler.py --function FN",
 		Short: "Call a Python function in a warm VM and print its JSON result",
@@ -28,6 +26,8 @@ arguments and prints the result as JSON: value, stdout, stderr, timings. A
 function named MOD:FN is imported inside the image; with --file the
 function's source is sent (so client and guest need not share a Python or
 pickle version). --repeat reuses the warm VM and prints latency statistics.
+What the function writes to fd 1 and 2 (print, C extensions, os.write,
+subprocesses) is captured in the result, up to --max-output each.
 
 The VM is restored from a snapshot of the image taken after boot and after
 importing the spec's preload modules (created on first use); --cold boots
@@ -35,10 +35,11 @@ a kernel instead.`,
 		Example: `  kiln invoke numpy.kimg --function math:factorial --args '[20]'
   kiln invoke numpy.kimg --file handler.py --function work --args '[1000]' --kwargs '{"seed": 1}'
   kiln invoke numpy.kimg --file handler.py --function work --repeat 100
-  kiln invoke numpy.kimg --file loop.py --function spin --timeout 5s`,
+  kiln invoke numpy.kimg --file loop.py --function spin --timeout 5s
+  kiln invoke numpy.kimg --file train.py --function train --stream`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, argv []string) error {
-			t, err := makeTask(fn, file, args, kwargs)
+			t, err := tf.task()
 			if err != nil {
 				return err
 			}
@@ -46,25 +47,41 @@ a kernel instead.`,
 			if err != nil {
 				return err
 			}
-			so := sandbox.Options{Launch: o, Timeout: timeout, MaxResult: maxResult}
+			img, err := image.OpenVerified(argv[0])
+			if err != nil {
+				return err
+			}
+			so := sandbox.Options{VM: o, Timeout: timeout, MaxResult: maxResult, MaxOutput: maxOutput, SnapshotCreating: a.snapshotNotice}
 			if cold {
 				so.Snapshots = sandbox.SnapshotOff
 			}
-			sb, err := sandbox.Start(cmd.Context(), argv[0], so)
+			sb, err := sandbox.Start(cmd.Context(), img, so)
 			if err != nil {
 				return err
 			}
 			defer sb.Close()
 			if timings {
-				defer func() { printTimings(a, sb.Timings(), false) }()
+				defer func() { printTimings(a, sb.Timings().Phases(), false) }()
+			}
+			var st sandbox.Streams
+			if stream {
+				st.Stdout, st.Stderr = a.stderr, a.stderr
 			}
 			if repeat <= 1 {
-				res, err := sb.Invoke(cmd.Context(), t)
+				res, err := sb.InvokeStreams(cmd.Context(), t, st)
 				if err != nil {
 					return err
 				}
 				if err := a.printJSON(res); err != nil {
 					return err
+				}
+				for _, c := range []struct {
+					name string
+					cut  bool
+				}{{"stdout", res.StdoutTruncated}, {"stderr", res.StderrTruncated}} {
+					if c.cut {
+						fmt.Fprintf(a.stderr, "kiln: the task's %s was truncated at %s (--max-output raises the cap; --stream shows all of it)\n", c.name, size.Format(int64(maxOutput)))
+					}
 				}
 				if !res.OK {
 					return exitCode(1)
@@ -84,50 +101,22 @@ a kernel instead.`,
 					failed++
 				}
 			}
-			st := latencyStats(lat)
-			st["failed"] = float64(failed)
-			return a.printJSON(st)
+			stats := latencyStats(lat)
+			stats["failed"] = float64(failed)
+			return a.printJSON(stats)
 		},
 	}
 	vf.add(cmd)
 	f := cmd.Flags()
-	f.StringVar(&fn, "function", "", "MOD:FN to import in the image, or with --file the function's name")
-	f.StringVar(&file, "file", "", "a Python file whose source is sent; --function names the function in it")
-	f.StringVar(&args, "args", "[]", "positional arguments as a JSON list")
-	f.StringVar(&kwargs, "kwargs", "{}", "keyword arguments as a JSON object")
+	tf.add(cmd)
 	f.DurationVar(&timeout, "timeout", sandbox.DefaultTimeout, "per-call limit; the VM is killed and replaced when it passes")
 	f.IntVar(&repeat, "repeat", 1, "call N times on the same warm VM and print latency min/median/p90/max")
 	f.IntVar(&maxResult, "max-result", sandbox.DefaultMaxResult, "largest result in bytes")
+	f.IntVar(&maxOutput, "max-output", sandbox.DefaultMaxOutput, "bytes of stdout and of stderr kept in the result, each")
+	f.BoolVar(&stream, "stream", false, "print the task's stdout and stderr to stderr while it runs (the JSON result still goes to stdout)")
 	f.BoolVar(&cold, "cold", false, "cold-boot instead of restoring a snapshot (the first use of an image creates its snapshot)")
 	f.BoolVar(&timings, "timings", false, "print the VM's phases to stderr: VMM start, state load (restore) or boot phases, first result")
 	return cmd
-}
-
-func makeTask(fn, file, args, kwargs string) (*task.Task, error) {
-	t := &task.Task{}
-	switch {
-	case file != "":
-		src, err := os.ReadFile(file)
-		if err != nil {
-			return nil, fmt.Errorf("reading --file: %w", err)
-		}
-		t.Kind, t.Source, t.Name = "source", string(src), fn
-	case fn != "":
-		if !strings.Contains(fn, ":") {
-			return nil, fmt.Errorf("--function %q: want MOD:FN (e.g. math:factorial), or --file FILE --function FN", fn)
-		}
-		t.Kind, t.Ref = "ref", fn
-	default:
-		return nil, errors.New("nothing to call: give --function MOD:FN, or --file handler.py --function FN")
-	}
-	var err error
-	if t.Args, err = jsonValue("--args", args, '['); err != nil {
-		return nil, err
-	}
-	if t.Kwargs, err = jsonValue("--kwargs", kwargs, '{'); err != nil {
-		return nil, err
-	}
-	return t, nil
 }
 
 // latencyStats summarises call latencies in milliseconds.

@@ -7,13 +7,30 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
-	stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	// The first SIGINT or SIGTERM cancels ctx: every verb then stops its
+	// VMs and returns; kiln exits 128+N, as a shell expects of a process
+	// the signal ended. Later signals are absorbed while it cleans up.
+	var got atomic.Value
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		for s := range sigs {
+			if got.CompareAndSwap(nil, s) {
+				cancel()
+			}
+		}
+	}()
+	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	if s, ok := got.Load().(syscall.Signal); ok {
+		fmt.Fprintln(os.Stderr, "kiln: interrupted")
+		os.Exit(128 + int(s))
+	}
 	if err != nil {
 		var ec exitCode
 		if errors.As(err, &ec) {

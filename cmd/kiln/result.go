@@ -6,7 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/kiln-dev/kiln/internal/endpoint"
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 )
 
 func newResultCmd(a *app) *cobra.Command {
@@ -33,7 +33,7 @@ finished yet.`,
 			if err != nil {
 				return err
 			}
-			if valueOnly && tv.State == endpoint.StateSucceeded {
+			if valueOnly && tv.State == apitype.StateSucceeded {
 				var r struct {
 					Value json.RawMessage `json:"value"`
 				}
@@ -56,14 +56,14 @@ finished yet.`,
 }
 
 // printTask prints tv and turns its state into the exit status.
-func printTask(a *app, tv *endpoint.TaskView) error {
+func printTask(a *app, tv *apitype.TaskView) error {
 	if err := a.printJSON(tv); err != nil {
 		return err
 	}
 	switch tv.State {
-	case endpoint.StateSucceeded:
+	case apitype.StateSucceeded:
 		return nil
-	case endpoint.StateFailed, endpoint.StateCancelled:
+	case apitype.StateFailed, apitype.StateCancelled:
 		return exitCode(1)
 	default:
 		return exitCode(2)

@@ -23,6 +23,7 @@ func (e exitCode) Error() string { return fmt.Sprintf("exit status %d", int(e)) 
 
 // app holds what every verb shares.
 type app struct {
+	stdin          io.Reader // nil: no input
 	stdout, stderr io.Writer
 	verbose        bool
 }
@@ -50,8 +51,8 @@ func (a *app) printJSON(v any) error {
 	return enc.Encode(v)
 }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	root := newRoot(&app{stdout: stdout, stderr: stderr})
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	root := newRoot(&app{stdin: stdin, stdout: stdout, stderr: stderr})
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
@@ -69,6 +70,22 @@ boots it as a single-purpose microVM on QEMU (KVM when available, TCG otherwise)
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().BoolVarP(&a.verbose, "verbose", "v", false, "log debug details (guest console, VMM command lines) to stderr")
-	root.AddCommand(newBuildCmd(a), newRunCmd(a), newInspectCmd(a), newInvokeCmd(a), newSnapshotCmd(a), newServeCmd(a), newSubmitCmd(a), newResultCmd(a), newBenchCmd(a), newVersionCmd(a))
+	groups := []struct {
+		id, title string
+		cmds      []*cobra.Command
+	}{
+		{"images", "Images:", []*cobra.Command{newBuildCmd(a), newInspectCmd(a)}},
+		{"running", "Running:", []*cobra.Command{newRunCmd(a), newInvokeCmd(a), newSnapshotCmd(a)}},
+		{"serving", "Serving:", []*cobra.Command{newServeCmd(a), newSubmitCmd(a), newResultCmd(a)}},
+		{"experiments", "Experiments:", []*cobra.Command{newBenchCmd(a)}},
+	}
+	for _, g := range groups {
+		root.AddGroup(&cobra.Group{ID: g.id, Title: g.title})
+		for _, c := range g.cmds {
+			c.GroupID = g.id
+			root.AddCommand(c)
+		}
+	}
+	root.AddCommand(newVersionCmd(a))
 	return root
 }

@@ -1,66 +1,19 @@
 package main
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
 	"net"
-	"os"
 	"path/filepath"
-	"time"
 
-	"github.com/pelletier/go-toml/v2"
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-dev/kiln/internal/endpoint"
-	"github.com/kiln-dev/kiln/internal/launch"
-	"github.com/kiln-dev/kiln/internal/spec"
+	"github.com/kiln-dev/kiln/internal/vm"
 )
-
-// serveConfig is the optional TOML config file of kiln serve; flags given
-// on the command line win over it.
-type serveConfig struct {
-	Listen         string `toml:"listen"`
-	Images         string `toml:"images"`
-	State          string `toml:"state"`
-	MaxVMs         int    `toml:"max_vms"`
-	MaxMemory      string `toml:"max_memory"`
-	PoolMax        int    `toml:"pool_max"`
-	MinIdle        int    `toml:"min_idle"`
-	IdleTimeout    string `toml:"idle_timeout"`
-	MaxQueued      int    `toml:"max_queued"`
-	MaxBody        string `toml:"max_body"`
-	ResultTTL      string `toml:"result_ttl"`
-	ShutdownGrace  string `toml:"shutdown_grace"`
-	InsecureNoAuth bool   `toml:"insecure_no_auth"`
-}
-
-func loadServeConfig(path string) (serveConfig, error) {
-	var c serveConfig
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return c, fmt.Errorf("reading config: %w", err)
-	}
-	dec := toml.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
-		var sm *toml.StrictMissingError
-		if errors.As(err, &sm) {
-			return c, fmt.Errorf("config %s: unknown keys:\n%s", path, sm.String())
-		}
-		var de *toml.DecodeError
-		if errors.As(err, &de) {
-			row, col := de.Position()
-			return c, fmt.Errorf("config %s:%d:%d: %v", path, row, col, de)
-		}
-		return c, fmt.Errorf("config %s: %w", path, err)
-	}
-	return c, nil
-}
 
 func newServeCmd(a *app) *cobra.Command {
 	var configPath string
-	var c serveConfig
+	var c endpoint.FileConfig
 	cmd := &cobra.Command{
 		Use:   "serve [--images DIR] [--listen ADDR]",
 		Short: "Serve registered functions over HTTP from pools of warm VMs",
@@ -86,16 +39,18 @@ max_queued, max_body, result_ttl, shutdown_grace, insecure_no_auth; flags win.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if configPath != "" {
-				fc, err := loadServeConfig(configPath)
+				fc, err := endpoint.LoadFileConfig(configPath)
 				if err != nil {
 					return err
 				}
 				mergeServeConfig(cmd, &c, fc)
 			}
-			cfg, err := c.endpointConfig(a)
+			cfg, err := c.Config()
 			if err != nil {
 				return err
 			}
+			cfg.Log = a.logger()
+			cfg.VM = vm.Config{Log: cfg.Log, Accel: a.accel()}
 			if err := endpoint.CheckListen(c.Listen, !cfg.NoAuth); err != nil {
 				return err
 			}
@@ -156,7 +111,7 @@ func orNone(s string) string {
 }
 
 // mergeServeConfig fills the settings whose flags were not given from fc.
-func mergeServeConfig(cmd *cobra.Command, c *serveConfig, fc serveConfig) {
+func mergeServeConfig(cmd *cobra.Command, c *endpoint.FileConfig, fc endpoint.FileConfig) {
 	ch := cmd.Flags().Changed
 	set := func(flag string, apply func()) {
 		if !ch(flag) {
@@ -200,61 +155,4 @@ func mergeServeConfig(cmd *cobra.Command, c *serveConfig, fc serveConfig) {
 		}
 	})
 	set("insecure-no-auth", func() { c.InsecureNoAuth = fc.InsecureNoAuth })
-}
-
-func (c *serveConfig) endpointConfig(a *app) (endpoint.Config, error) {
-	cfg := endpoint.Config{
-		ImagesDir: c.Images, StateDir: c.State, NoAuth: c.InsecureNoAuth,
-		MaxVMs: c.MaxVMs, PoolMax: c.PoolMax, MinIdle: c.MinIdle, MaxQueued: c.MaxQueued,
-		Log: a.logger(),
-	}
-	if cfg.StateDir == "" {
-		d, err := endpoint.DefaultStateDir()
-		if err != nil {
-			return cfg, err
-		}
-		cfg.StateDir = d
-	}
-	if c.Images != "" {
-		if st, err := os.Stat(c.Images); err != nil || !st.IsDir() {
-			return cfg, fmt.Errorf("--images %s: not a directory (give the directory that holds the .kimg files)", c.Images)
-		}
-	}
-	if c.MaxVMs < 0 || c.PoolMax < 0 || c.MinIdle < 0 || c.MaxQueued < 0 {
-		return cfg, errors.New("--max-vms, --pool-max, --min-idle and --max-queued must not be negative")
-	}
-	var err error
-	dur := func(name, v string, dst *time.Duration) {
-		if err != nil || v == "" {
-			return
-		}
-		d, perr := time.ParseDuration(v)
-		if perr != nil || d < 0 {
-			err = fmt.Errorf("--%s %q: want a duration such as 30s or 10m", name, v)
-			return
-		}
-		*dst = d
-	}
-	dur("idle-timeout", c.IdleTimeout, &cfg.IdleTimeout)
-	dur("result-ttl", c.ResultTTL, &cfg.ResultTTL)
-	dur("shutdown-grace", c.ShutdownGrace, &cfg.ShutdownGrace)
-	if err != nil {
-		return cfg, err
-	}
-	if c.MaxMemory != "" {
-		n, err := spec.ParseSize(c.MaxMemory)
-		if err != nil {
-			return cfg, fmt.Errorf("--max-memory: %w", err)
-		}
-		cfg.MaxMemoryMiB = int(n >> 20)
-	}
-	if c.MaxBody != "" {
-		n, err := spec.ParseSize(c.MaxBody)
-		if err != nil {
-			return cfg, fmt.Errorf("--max-body: %w", err)
-		}
-		cfg.MaxBody = int64(n)
-	}
-	cfg.Launch = launch.Options{Log: cfg.Log, Accel: a.accel()}
-	return cfg, nil
 }

@@ -3,14 +3,13 @@ package main
 import (
 	"errors"
 	"fmt"
-	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/kiln-dev/kiln/internal/build"
+	"github.com/kiln-dev/kiln/internal/size"
 	"github.com/kiln-dev/kiln/internal/snapshot"
 )
 
@@ -93,13 +92,19 @@ the files are verified when a snapshot is restored (or by kiln snapshot gc).`,
 				}
 				fmt.Fprintf(w, "%s\t%s\t%s\t%d MiB\t%d\t%s\t%s\t%s\t%s\n",
 					e.ID, snapshotShortDigest(k.ImageDigest), k.Accel, k.MemoryMiB, k.VCPUs, preload,
-					build.Size(e.DiskUsage), snapshotAgo(e.Meta.Created), snapshotAgo(e.LastUsed))
+					size.Format(e.DiskUsage), snapshotAgo(e.Meta.Created), snapshotAgo(e.LastUsed))
 				total += e.DiskUsage
 			}
 			if err := w.Flush(); err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "%d snapshots, %s on disk, in %s\n", len(entries), build.Size(total), s.Dir)
+			budget := "no budget"
+			if b, err := s.Budget(); err != nil {
+				return err
+			} else if b > 0 {
+				budget = "budget " + size.Format(b) + " (" + snapshot.BudgetEnv + "; least recently used evicted beyond it)"
+			}
+			fmt.Fprintf(a.stdout, "%d snapshots, %s on disk, %s, in %s\n", len(entries), size.Format(total), budget, s.Dir)
 			return nil
 		},
 	}
@@ -121,13 +126,9 @@ enough. VMs already restored from a snapshot keep running.`,
 			if err != nil {
 				return err
 			}
-			entries, err := s.List()
-			if err != nil {
-				return err
-			}
 			var errs []error
 			for _, arg := range args {
-				id, err := resolveSnapshotID(entries, arg)
+				id, err := s.ResolveID(arg)
 				if err == nil {
 					err = s.Remove(id)
 				}
@@ -142,32 +143,6 @@ enough. VMs already restored from a snapshot keep running.`,
 	}
 }
 
-// resolveSnapshotID maps a full ID or a unique prefix to an ID. A full ID is
-// taken as is, so that an entry too damaged to list can still be removed.
-func resolveSnapshotID(entries []snapshot.Entry, arg string) (string, error) {
-	arg = strings.ToLower(arg)
-	if len(arg) == 32 {
-		return arg, nil
-	}
-	if arg == "" {
-		return "", errors.New("empty snapshot id")
-	}
-	var matches []string
-	for _, e := range entries {
-		if strings.HasPrefix(e.ID, arg) {
-			matches = append(matches, e.ID)
-		}
-	}
-	switch len(matches) {
-	case 0:
-		return "", fmt.Errorf("no snapshot matches %q (see kiln snapshot ls)", arg)
-	case 1:
-		return matches[0], nil
-	}
-	sort.Strings(matches)
-	return "", fmt.Errorf("%q matches %d snapshots (%s); give more digits", arg, len(matches), strings.Join(matches, ", "))
-}
-
 func newSnapshotGCCmd(a *app, o *snapshotOpts) *cobra.Command {
 	var all bool
 	cmd := &cobra.Command{
@@ -175,7 +150,9 @@ func newSnapshotGCCmd(a *app, o *snapshotOpts) *cobra.Command {
 		Short: "Remove damaged snapshots and leftovers of interrupted snapshot runs",
 		Long: `Verify every snapshot and remove those that fail (missing or damaged files,
 another format version), plus temporary directories left by interrupted
-snapshot runs. With --all, remove every snapshot. Snapshots another kiln
+snapshot runs, then evict the least recently used snapshots beyond the
+store's budget ($KILN_SNAPSHOT_BUDGET, default 20% of the free disk; also
+done after every snapshot is created). With --all, remove every snapshot. Snapshots another kiln
 process is creating or removing right now are skipped.`,
 		Example: "  kiln snapshot gc\n  kiln snapshot gc --all",
 		Args:    cobra.NoArgs,
@@ -189,6 +166,11 @@ process is creating or removing right now are skipped.`,
 				keep = func(snapshot.Entry) bool { return false }
 			}
 			removed, err := s.GC(keep)
+			if evicted, perr := s.Prune(); perr != nil {
+				err = errors.Join(err, perr)
+			} else {
+				removed = append(removed, evicted...)
+			}
 			for _, id := range removed {
 				fmt.Fprintf(a.stdout, "removed %s\n", id)
 			}

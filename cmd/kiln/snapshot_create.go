@@ -6,6 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kiln-dev/kiln/internal/image"
 	"github.com/kiln-dev/kiln/internal/sandbox"
 )
 
@@ -32,11 +33,15 @@ clones from it. Creating is idempotent: an existing valid snapshot is kept.`,
 			if err != nil {
 				return err
 			}
-			so := sandbox.Options{Launch: lo, Store: st, Snapshots: sandbox.SnapshotAuto}
+			img, err := image.OpenVerified(args[0])
+			if err != nil {
+				return err
+			}
+			so := sandbox.Options{VM: lo, Store: st, Snapshots: sandbox.SnapshotAuto}
 			if preload != "" {
 				so.Preload = strings.Split(preload, ",")
 			}
-			sb, err := sandbox.Start(cmd.Context(), args[0], so)
+			sb, err := sandbox.Start(cmd.Context(), img, so)
 			if err != nil {
 				return err
 			}

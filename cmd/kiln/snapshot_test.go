@@ -36,7 +36,7 @@ func TestSnapshotCLI(t *testing.T) {
 	}
 	var ids []string
 	for _, accel := range []string{"tcg", "kvm"} {
-		k := snapshot.Key{ImageDigest: strings.Repeat("ab", 32), Kernel: "6.1.0", QEMU: "QEMU emulator version 7.2.15",
+		k := snapshot.Key{ImageDigest: strings.Repeat("ab", 32), Kernel: "6.1.0", VMM: "QEMU emulator version 7.2.15",
 			Accel: accel, MemoryMiB: 1, VCPUs: 1, Preload: []string{"numpy"}}
 		e, err := s.Create(context.Background(), k, func(_ context.Context, ram, state string) error {
 			if err := os.WriteFile(ram, make([]byte, 1<<20), 0o644); err != nil {

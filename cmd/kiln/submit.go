@@ -1,17 +1,13 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
-	"fmt"
-	"os"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-dev/kiln/internal/endpoint"
-	"github.com/kiln-dev/kiln/internal/guest/task"
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 )
 
 // clientFlags locate the endpoint for submit and result.
@@ -31,7 +27,8 @@ func (f *clientFlags) client() (*endpoint.Client, error) {
 
 func newSubmitCmd(a *app) *cobra.Command {
 	var cf clientFlags
-	var fnID, file, name, ref, image, args, kwargs string
+	var tf taskFlags
+	var fnID, image string
 	var timeout, wait time.Duration
 	var retries int
 	cmd := &cobra.Command{
@@ -53,35 +50,25 @@ task and prints it as kiln result does.`,
 			}
 			ctx := cmd.Context()
 			if fnID == "" {
-				req := &endpoint.RegisterRequest{Image: image, Timeout: endpoint.Duration(timeout), MaxRetries: retries}
-				switch {
-				case image == "":
+				if image == "" {
 					return errors.New("give --function-id ID, or --image IMAGE with --file or --ref")
-				case file != "":
-					src, err := os.ReadFile(file)
-					if err != nil {
-						return fmt.Errorf("reading --file: %w", err)
-					}
-					req.Kind, req.Source, req.Function = task.KindSource, string(src), name
-				case ref != "":
-					if !strings.Contains(ref, ":") {
-						return fmt.Errorf("--ref %q: want MOD:FN (e.g. math:factorial)", ref)
-					}
-					req.Kind, req.Ref = task.KindRef, ref
-				default:
-					return errors.New("nothing to call: give --file handler.py [--function FN] or --ref MOD:FN")
 				}
-				fv, err := c.Register(ctx, req)
+				t, err := tf.task()
+				if err != nil {
+					return err
+				}
+				fv, err := c.Register(ctx, &apitype.RegisterRequest{Image: image, Timeout: apitype.Duration(timeout), MaxRetries: retries,
+					Kind: t.Kind, Source: t.Source, Function: t.Name, Ref: t.Ref})
 				if err != nil {
 					return err
 				}
 				fnID = fv.ID
 			}
-			sreq := &endpoint.SubmitRequest{FunctionID: fnID}
-			if sreq.Args, err = jsonValue("--args", args, '['); err != nil {
+			sreq := &apitype.SubmitRequest{FunctionID: fnID}
+			if sreq.Args, err = jsonValue("--args", tf.args, '['); err != nil {
 				return err
 			}
-			if sreq.Kwargs, err = jsonValue("--kwargs", kwargs, '{'); err != nil {
+			if sreq.Kwargs, err = jsonValue("--kwargs", tf.kwargs, '{'); err != nil {
 				return err
 			}
 			id, err := c.Submit(ctx, sreq)
@@ -102,25 +89,9 @@ task and prints it as kiln result does.`,
 	f := cmd.Flags()
 	f.StringVar(&fnID, "function-id", "", "a registered function's id")
 	f.StringVar(&image, "image", "", "image name (see GET /v1/images) to register the function with")
-	f.StringVar(&file, "file", "", "Python file whose source is sent")
-	f.StringVar(&name, "function", "", "with --file: the function to call (default: the only one the file defines)")
-	f.StringVar(&ref, "ref", "", "MOD:FN importable inside the image")
-	f.StringVar(&args, "args", "[]", "positional arguments as a JSON list")
-	f.StringVar(&kwargs, "kwargs", "", "keyword arguments as a JSON object")
+	tf.add(cmd)
 	f.DurationVar(&timeout, "timeout", 0, "when registering: per-task time limit (default: the endpoint's)")
 	f.IntVar(&retries, "max-retries", 0, "when registering: retries after a VM crash or endpoint restart")
 	f.DurationVar(&wait, "wait", 0, "wait this long for the task and print it")
 	return cmd
-}
-
-func jsonValue(flag, s string, want byte) (*task.Value, error) {
-	s = strings.TrimSpace(s)
-	if s == "" {
-		return nil, nil
-	}
-	if !json.Valid([]byte(s)) || s[0] != want {
-		kind := map[byte]string{'[': "list", '{': "object"}[want]
-		return nil, fmt.Errorf("%s must be a JSON %s, e.g. %s", flag, kind, map[byte]string{'[': `'[1, "a"]'`, '{': `'{"k": 1}'`}[want])
-	}
-	return &task.Value{Enc: task.EncJSON, Data: json.RawMessage(s)}, nil
 }

@@ -1,7 +1,8 @@
-// Package bench runs kiln's reproducible experiments (files, imports, coldstart) against a simulated shared filesystem and writes CSV, Markdown and PNG results.
+// Package bench runs kiln's reproducible experiments (files, imports, coldstart against a simulated shared filesystem; boot, invoke on the local disk) and writes CSV, Markdown and PNG results.
 //
 // Every experiment records the machine, the kernel, the QEMU accelerator and
-// the filesystem model's parameters next to its numbers (Env). The model is
+// the filesystem model's parameters, when it uses one, next to its numbers
+// (Env). The model is
 // package simfs: a FUSE passthrough that adds latency; it is a model of a
 // shared filesystem, not one.
 package bench
@@ -11,19 +12,22 @@ import (
 	"encoding/csv"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
+	"github.com/google/renameio/v2"
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-dev/kiln/internal/bench/simfs"
 	"github.com/kiln-dev/kiln/internal/cache"
-	"github.com/kiln-dev/kiln/internal/launch"
+	"github.com/kiln-dev/kiln/internal/vm"
 	"github.com/kiln-dev/kiln/internal/vmm"
 )
 
@@ -155,7 +159,7 @@ func (e Env) markdown() string {
 
 // Report is one experiment's result table.
 type Report struct {
-	Name    string         `json:"name"` // file stem: files, imports, coldstart
+	Name    string         `json:"name"` // file stem: files, imports, coldstart, boot, invoke
 	Title   string         `json:"title"`
 	Env     Env            `json:"env"`
 	Models  []simfs.Params `json:"models"` // every filesystem model the table uses
@@ -218,29 +222,22 @@ func (r *Report) Markdown() string {
 }
 
 func writeAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
+	if err := renameio.WriteFile(path, data, 0o644, renameio.WithTempDir(filepath.Dir(path)), renameio.WithStaticPermissions(0o644)); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	return nil
 }
 
 // Experiments lists the experiments in the order All runs them.
-var Experiments = []string{"files", "imports", "coldstart"}
+var Experiments = []string{"files", "imports", "coldstart", "boot", "invoke"}
+
+// vmOnly are the experiments whose every row boots a VM: All leaves them
+// out with NoVM.
+var vmOnly = map[string]bool{"boot": true}
+
+func errNoVM(name string) error {
+	return fmt.Errorf("the %s experiment only boots VMs: run it without --no-vm", name)
+}
 
 // Run runs one experiment by name.
 func Run(ctx context.Context, name string, o Options) (*Report, error) {
@@ -251,8 +248,12 @@ func Run(ctx context.Context, name string, o Options) (*Report, error) {
 		return Imports(ctx, o)
 	case "coldstart":
 		return ColdStart(ctx, o)
+	case "boot":
+		return Boot(ctx, o)
+	case "invoke":
+		return Invoke(ctx, o)
 	}
-	return nil, fmt.Errorf("unknown experiment %q: want files, imports, coldstart or all", name)
+	return nil, fmt.Errorf("unknown experiment %q: want %s or all", name, strings.Join(Experiments, ", "))
 }
 
 // All runs every experiment; a failed experiment does not stop the others,
@@ -261,6 +262,12 @@ func All(ctx context.Context, o Options) ([]*Report, error) {
 	var reps []*Report
 	var errs []error
 	for _, n := range Experiments {
+		if o.NoVM && vmOnly[n] {
+			if o.Progress != nil {
+				o.progress("[%s] skipped: every row boots a VM (--no-vm)", n)
+			}
+			continue
+		}
 		r, err := Run(ctx, n, o)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -333,6 +340,57 @@ func summarize(xs []float64) stats {
 	return s
 }
 
-func launchOpts(o *Options) launch.Options {
-	return launch.Options{Accel: o.Accel, Log: o.Log}
+// quantile returns the q-quantile (0 ≤ q ≤ 1) of xs, interpolating
+// linearly between the sorted samples; 0 for no samples.
+func quantile(xs []float64, q float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	pos := q * float64(len(s)-1)
+	i := int(pos)
+	if i >= len(s)-1 {
+		return s[len(s)-1]
+	}
+	return s[i] + (pos-float64(i))*(s[i+1]-s[i])
+}
+
+func median(xs []float64) float64 { return quantile(xs, 0.5) }
+
+func vmConfig(o *Options) vm.Config {
+	return vm.Config{Accel: o.Accel, Log: o.Log}
+}
+
+// Clean removes the experiments' cached trees, images and test files from
+// work ("" = <cache>/bench) and returns the directory and the bytes freed.
+// It refuses while the shared-filesystem model is mounted there.
+func Clean(work string) (dir string, freed int64, err error) {
+	o := Options{Work: work, Out: os.TempDir()}
+	if err := o.defaults(); err != nil {
+		return "", 0, err
+	}
+	mounts, err := os.ReadFile("/proc/self/mounts")
+	if err == nil && strings.Contains(string(mounts), " "+o.Work+"/") {
+		return o.Work, 0, fmt.Errorf("a filesystem is mounted under %s (a kiln bench run?): let it finish, or unmount it, and clean again", o.Work)
+	}
+	ents, err := os.ReadDir(o.Work)
+	if err != nil {
+		return o.Work, 0, fmt.Errorf("cleaning %s: %w", o.Work, err)
+	}
+	for _, e := range ents {
+		p := filepath.Join(o.Work, e.Name())
+		_ = filepath.WalkDir(p, func(_ string, d fs.DirEntry, err error) error {
+			if err == nil && d.Type().IsRegular() {
+				if fi, err := d.Info(); err == nil {
+					freed += fi.Size()
+				}
+			}
+			return nil
+		})
+		if err := os.RemoveAll(p); err != nil {
+			return o.Work, freed, fmt.Errorf("cleaning %s: %w", o.Work, err)
+		}
+	}
+	return o.Work, freed, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/csv"
 	"errors"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kiln-dev/kiln/internal/testutil"
+	"github.com/kiln-dev/kiln/internal/testutil/testimage"
 )
 
 func TestMain(m *testing.M) { testutil.Main(m) }
@@ -19,9 +21,8 @@ func TestMain(m *testing.M) { testutil.Main(m) }
 // quickOptions runs in temporary directories, with the test kiln-init.
 func quickOptions(t *testing.T) Options {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("kiln bench needs root (FUSE mount with allow_other, loop mounts)")
-	}
+	testutil.NeedQEMU(t)
+	testutil.NeedRoot(t) // FUSE mounts with allow_other, loop mounts
 	return Options{
 		Out:      t.TempDir(),
 		Quick:    true,
@@ -89,19 +90,19 @@ func noSimMounts(t *testing.T) {
 func TestQuick(t *testing.T) {
 	o := quickOptions(t)
 	// Reuse the test image builder's numpy image for the VM rows.
-	o.Images = map[string]string{"numpy": testutil.NumpyImage(t)}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	o.Images = map[string]string{"numpy": testimage.Numpy(t)}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	t.Cleanup(func() { noSimMounts(t) })
 	reps, err := All(ctx, o)
 	if err != nil {
 		t.Fatalf("All: %v", err)
 	}
-	if len(reps) != 3 {
-		t.Fatalf("All returned %d reports, want 3", len(reps))
+	if len(reps) != len(Experiments) {
+		t.Fatalf("All returned %d reports, want %d", len(reps), len(Experiments))
 	}
 	checkFiles(t, o.Out, "files.csv", "files.md", "files.png", "imports.csv", "imports.md", "imports.png", "imports-ops.png",
-		"coldstart.csv", "coldstart.md", "coldstart.png")
+		"coldstart.csv", "coldstart.md", "coldstart.png", "boot.csv", "boot.md", "boot.png", "invoke.csv", "invoke.md")
 
 	files := readCSV(t, filepath.Join(o.Out, "files.csv"))
 	if len(files) < 12 {
@@ -149,6 +150,101 @@ func TestQuick(t *testing.T) {
 			t.Errorf("coldstart.md lacks %q (model parameters and environment must be recorded)", want)
 		}
 	}
+	checkBoot(t, o.Out, "1")
+	checkInvoke(t, o.Out)
+}
+
+// positive checks that the named cells of a CSV row are positive numbers.
+func positive(t *testing.T, file string, r map[string]string, cols ...string) {
+	t.Helper()
+	for _, c := range cols {
+		v, err := strconv.ParseFloat(r[c], 64)
+		if err != nil || !(v > 0) {
+			t.Errorf("%s row %q: %s = %q, want a positive number", file, r["row"]+r["variant"], c, r[c])
+		}
+	}
+}
+
+// checkEnv checks that a report's Markdown records the machine and the accelerator.
+func checkEnv(t *testing.T, path string) {
+	t.Helper()
+	md, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"kernel:", "accelerator", "CPU:"} {
+		if !strings.Contains(string(md), want) {
+			t.Errorf("%s lacks %q (the environment must be recorded)", path, want)
+		}
+	}
+}
+
+// checkBoot checks the boot report's shape: one row per variant with
+// runs boots, a size, every phase and the import time.
+func checkBoot(t *testing.T, dir, runs string) {
+	t.Helper()
+	rows := readCSV(t, filepath.Join(dir, "boot.csv"))
+	if len(rows) != len(BootVariants) {
+		t.Fatalf("boot.csv has %d rows, want %d", len(rows), len(BootVariants))
+	}
+	for i, r := range rows {
+		if r["variant"] != BootVariants[i].Name || r["runs"] != runs {
+			t.Errorf("boot.csv row %d: variant %q, runs %q; want %q, %s", i, r["variant"], r["runs"], BootVariants[i].Name, runs)
+		}
+		cols := []string{"image_mib", "memory_mib", "vcpus", "import_s_median", "import_s_min", "import_s_max"}
+		for _, p := range bootPhases {
+			cols = append(cols, p+"_s")
+		}
+		positive(t, "boot.csv", r, cols...)
+		if r["kernel"] == "" || r["rootfs"] == "" {
+			t.Errorf("boot.csv row %q: kernel %q, rootfs %q; want both", r["variant"], r["kernel"], r["rootfs"])
+		}
+	}
+	if want := []string{"erofs lz4hc", "erofs none", "squashfs zstd"}; len(rows) == 3 {
+		for i, w := range want {
+			if rows[i]["rootfs"] != w {
+				t.Errorf("boot.csv row %q: rootfs %q, want %q", rows[i]["variant"], rows[i]["rootfs"], w)
+			}
+		}
+	}
+	checkEnv(t, filepath.Join(dir, "boot.md"))
+}
+
+// checkInvoke checks the invoke report's shape: every row, with positive
+// numbers where the row has them.
+func checkInvoke(t *testing.T, dir string) {
+	t.Helper()
+	rows := readCSV(t, filepath.Join(dir, "invoke.csv"))
+	byName := map[string]map[string]string{}
+	for _, r := range rows {
+		byName[strings.TrimSuffix(r["row"], " [TCG]")] = r
+	}
+	all := []string{"n", "min", "p50", "p90", "max", "mean"}
+	for _, c := range []struct {
+		row  string
+		cols []string
+	}{
+		{RowWarmNoop, all}, {RowWarmNumpy, all}, {RowProcNoop, all}, {RowProcNumpy, all},
+		{RowHostNoop, []string{"n", "p50"}}, {RowHostNumpy, []string{"n", "p50"}},
+		{RowColdPSS, all}, {RowClonePSS, all}, {RowPSSRatio, all},
+	} {
+		r, ok := byName[c.row]
+		if !ok {
+			t.Errorf("invoke.csv has no row %q; rows: %v", c.row, rows)
+			continue
+		}
+		positive(t, "invoke.csv", r, c.cols...)
+	}
+	if len(rows) != 9 {
+		t.Errorf("invoke.csv has %d rows, want 9", len(rows))
+	}
+	if n := byName[RowWarmNoop]["n"]; n != "10" {
+		t.Errorf("invoke.csv %q: n = %q, want 10 (--quick)", RowWarmNoop, n)
+	}
+	if n := byName[RowClonePSS]["n"]; n != "2" {
+		t.Errorf("invoke.csv %q: n = %q, want 2 clones (--quick)", RowClonePSS, n)
+	}
+	checkEnv(t, filepath.Join(dir, "invoke.md"))
 }
 
 func TestParseImportTime(t *testing.T) {
@@ -205,6 +301,79 @@ func TestSummarize(t *testing.T) {
 	}
 }
 
+func TestQuantile(t *testing.T) {
+	xs := []float64{5, 1, 4, 2, 3}
+	for _, tt := range []struct{ q, want float64 }{{0, 1}, {0.5, 3}, {0.9, 4.6}, {1, 5}} {
+		if got := quantile(xs, tt.q); math.Abs(got-tt.want) > 1e-9 {
+			t.Errorf("quantile(%v, %v) = %v, want %v", xs, tt.q, got, tt.want)
+		}
+	}
+	if xs[0] != 5 {
+		t.Errorf("quantile sorted its argument: %v", xs)
+	}
+	if got := median([]float64{2, 1}); got != 1.5 {
+		t.Errorf("median(2, 1) = %v, want 1.5", got)
+	}
+	if got := median([]float64{7}); got != 7 {
+		t.Errorf("median(7) = %v, want 7", got)
+	}
+	if got := quantile(nil, 0.5); got != 0 {
+		t.Errorf("quantile(nil) = %v, want 0", got)
+	}
+}
+
+func TestSig(t *testing.T) {
+	for x, want := range map[float64]string{1234.5: "1234", 12.3456: "12.35", 0.123456: "0.1235", 0.0000912: "0.00009120", 52000: "52000"} {
+		if got := sig(x); got != want {
+			t.Errorf("sig(%v) = %q, want %q", x, got, want)
+		}
+	}
+}
+
+func TestParseSeconds(t *testing.T) {
+	for _, tt := range []struct {
+		out  string
+		want float64
+		ok   bool
+	}{
+		{"2.25\n", 2.25, true},
+		{"a warning\n0.5\n\n", 0.5, true},
+		{"Traceback …\n", 0, false},
+		{"", 0, false},
+		{"-1\n", 0, false},
+	} {
+		got, err := parseSeconds(tt.out)
+		if (err == nil) != tt.ok || got != tt.want {
+			t.Errorf("parseSeconds(%q) = %v, %v; want %v, ok %v", tt.out, got, err, tt.want, tt.ok)
+		}
+	}
+}
+
+func TestProcKB(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "smaps_rollup")
+	if err := os.WriteFile(p, []byte("Rss:    2048 kB\nPss:     1536 kB\nPss_Anon: 10 kB\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := procKB(p, "Pss"); err != nil || got != 1536 {
+		t.Errorf("procKB(Pss) = %v, %v; want 1536", got, err)
+	}
+	if _, err := procKB(p, "Swap"); err == nil {
+		t.Error("procKB(Swap) succeeded on a file without it")
+	}
+	if kb, err := procKB("/proc/self/smaps_rollup", "Pss"); err != nil || kb <= 0 {
+		t.Errorf("procKB(/proc/self/smaps_rollup, Pss) = %v, %v; want a positive size", kb, err)
+	}
+}
+
+func TestBootNoVM(t *testing.T) {
+	if !vmOnly["boot"] || vmOnly["invoke"] {
+		t.Errorf("vmOnly = %v: want boot (every row boots a VM), not invoke (its host rows run without VMs)", vmOnly)
+	}
+	if _, err := Boot(context.Background(), Options{NoVM: true, Out: t.TempDir(), Work: t.TempDir()}); err == nil {
+		t.Error("Boot with NoVM succeeded, want an error")
+	}
+}
+
 func TestReplot(t *testing.T) {
 	dir := t.TempDir()
 	csvs := map[string][][]string{
@@ -214,6 +383,11 @@ func TestReplot(t *testing.T) {
 			{"numpy", ModeTree, "1", "1", "2", "2", "3", "5000"}, {"numpy", ModeVM, "1", "1", "2", "2", "6", "8"}},
 		"coldstart.csv": {{"row", "runs", "min_s", "max_s", "mean_s", "ratio_to_container"},
 			{RowContainer, "2", "4", "6", "5", "1.00"}, {RowRestore + " [TCG]", "2", "0.5", "0.7", "0.6", "0.12"}, {RowCold, "0", "", "", "", "failed: x"}},
+		"boot.csv": {bootColumns(),
+			{"erofs-lz4hc", "erofs lz4hc", "6.1.0-57-cloud-amd64", "qemu", "512", "1", "2", "60.6", "0.19", "0.6", "2.6", "2.7", "2.8", "5.8", "2.2", "1.9", "2.6"},
+			{"squashfs-zstd", "", "", "qemu", "", "", "0", "", "", "", "", "", "", "", "", "", "failed: x"}},
+		// invoke has no plot: Replot must skip its CSV.
+		"invoke.csv": {{"row", "unit", "n", "min", "p50", "p90", "max", "mean"}, {RowWarmNoop, "ms", "10", "2", "5", "7", "14", "6"}},
 	}
 	for n, recs := range csvs {
 		f, err := os.Create(filepath.Join(dir, n))
@@ -230,11 +404,28 @@ func TestReplot(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Replot: %v", err)
 	}
-	if len(got) != 4 {
-		t.Errorf("Replot wrote %v, want 4 PNG files", got)
+	if len(got) != 5 {
+		t.Errorf("Replot wrote %v, want 5 PNG files", got)
 	}
-	checkFiles(t, dir, "files.png", "imports.png", "imports-ops.png", "coldstart.png")
+	checkFiles(t, dir, "files.png", "imports.png", "imports-ops.png", "coldstart.png", "boot.png")
 	if got, err := Replot(t.TempDir()); err != nil || len(got) != 0 {
 		t.Errorf("Replot(empty dir) = %v, %v; want nothing, no error", got, err)
+	}
+}
+
+func TestClean(t *testing.T) {
+	work := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(work, "images"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(work, "images", "x.kimg"), make([]byte, 1000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dir, freed, err := Clean(work)
+	if err != nil || dir != work || freed != 1000 {
+		t.Fatalf("Clean(%s) = %s, %d, %v; want %s, 1000, nil", work, dir, freed, err, work)
+	}
+	if ents, _ := os.ReadDir(work); len(ents) != 0 {
+		t.Errorf("after Clean %s holds %d entries, want none", work, len(ents))
 	}
 }

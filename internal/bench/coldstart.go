@@ -11,6 +11,7 @@ import (
 
 	"github.com/kiln-dev/kiln/internal/bench/simfs"
 	"github.com/kiln-dev/kiln/internal/guest/task"
+	"github.com/kiln-dev/kiln/internal/image"
 	"github.com/kiln-dev/kiln/internal/sandbox"
 )
 
@@ -66,10 +67,15 @@ func ColdStart(ctx context.Context, o Options) (*Report, error) {
 	s, _, _ := Spec("numpy")
 	job := &task.Task{Kind: task.KindSource, Source: jobSource, Name: "job"}
 	sbOpts := func(mode sandbox.SnapshotMode) sandbox.Options {
-		return sandbox.Options{Snapshots: mode, Launch: launchOpts(&o), BootTimeout: 10 * time.Minute, Timeout: 5 * time.Minute}
+		return sandbox.Options{Snapshots: mode, VM: vmConfig(&o), BootTimeout: 10 * time.Minute, Timeout: 5 * time.Minute}
 	}
 	invoke := func(ctx context.Context, mode sandbox.SnapshotMode, wantRestore bool) error {
-		sb, err := sandbox.Start(ctx, imgPath, sbOpts(mode))
+		// Each run opens and verifies the image, as kiln run does.
+		img, err := image.OpenVerified(imgPath)
+		if err != nil {
+			return err
+		}
+		sb, err := sandbox.Start(ctx, img, sbOpts(mode))
 		if err != nil {
 			return err
 		}

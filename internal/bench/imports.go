@@ -14,9 +14,8 @@ import (
 	"time"
 
 	"github.com/kiln-dev/kiln/internal/bench/simfs"
-	"github.com/kiln-dev/kiln/internal/guest/proto"
 	"github.com/kiln-dev/kiln/internal/image"
-	"github.com/kiln-dev/kiln/internal/launch"
+	"github.com/kiln-dev/kiln/internal/vm"
 )
 
 // Import modes: where the Python environment comes from.
@@ -106,7 +105,7 @@ func newImporter(o *Options, sim *simfs.FS, e *env) (*importer, error) {
 	if !o.NoVM {
 		// Verify (hashes every part, then cached) and extract the kernel
 		// once, outside the measurements.
-		if img, err = launch.Open(path); err != nil {
+		if img, err = image.OpenVerified(path); err != nil {
 			return nil, err
 		}
 		if _, _, err := img.BootFiles(); err != nil {
@@ -181,14 +180,18 @@ func (im *importer) vmRun(ctx context.Context, script string) (string, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	cfg := proto.RunConfig{Mode: proto.ModeRun, Argv: []string{"python3", "-c", script}, Env: im.img.Manifest.Env, Hostname: "bench"}
-	vm, err := launch.Boot(ctx, im.img, cfg, launch.Options{Accel: im.o.Accel, Log: im.o.Log})
+	var stdout, stderr bytes.Buffer
+	cfg := vmConfig(im.o)
+	cfg.Image = im.img
+	v, err := vm.New(cfg, vm.WithCommand([]string{"python3", "-c", script}, nil, vm.Stdio{Stdout: &stdout, Stderr: &stderr}))
 	if err != nil {
 		return "", err
 	}
-	defer vm.Close()
-	var stdout, stderr bytes.Buffer
-	exit, err := vm.RunCommand(ctx, &stdout, &stderr)
+	defer v.Close()
+	if err := v.Start(ctx); err != nil {
+		return "", err
+	}
+	exit, err := v.Wait(ctx)
 	if err != nil {
 		return "", err
 	}

@@ -10,8 +10,9 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/kiln-dev/kiln/guest/agent"
 	"github.com/kiln-dev/kiln/internal/build"
+	"github.com/kiln-dev/kiln/internal/guest/agent"
+	"github.com/kiln-dev/kiln/internal/size"
 	"github.com/kiln-dev/kiln/internal/spec"
 )
 
@@ -97,7 +98,7 @@ func prepare(ctx context.Context, o *Options, pkg string) (*env, error) {
 			os.RemoveAll(tmp)
 			return nil, err
 		}
-		o.progress("[prepare] staged %s: %d files, %s, in %.0fs", pkg, st.Files, build.Size(st.TreeBytes), time.Since(t0).Seconds())
+		o.progress("[prepare] staged %s: %d files, %s, in %.0fs", pkg, st.Files, size.Format(st.TreeBytes), time.Since(t0).Seconds())
 	}
 	if b, err := os.ReadFile(filepath.Join(treeDir, ".kiln-bench-done")); err == nil {
 		fmt.Sscan(string(b), &e.Files)
@@ -125,7 +126,7 @@ func prepare(ctx context.Context, o *Options, pkg string) (*env, error) {
 		if err != nil {
 			return nil, fmt.Errorf("building the %s image: %w", pkg, err)
 		}
-		o.progress("[prepare] built %s: %s in %.0fs", res.Path, build.Size(res.Size), time.Since(t0).Seconds())
+		o.progress("[prepare] built %s: %s in %.0fs", res.Path, size.Format(res.Size), time.Since(t0).Seconds())
 	}
 	return e, nil
 }

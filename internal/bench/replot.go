@@ -91,14 +91,36 @@ func plotColdstart(rep *Report, dir string) ([]string, error) {
 	return []string{png}, nil
 }
 
+func plotBoot(rep *Report, dir string) ([]string, error) {
+	var bars []bar
+	for _, row := range rep.Rows {
+		v, ok := rep.floats(row, "import_s_median", "import_s_min", "import_s_max")
+		if !ok {
+			continue
+		}
+		bars = append(bars, bar{Label: row[0], Mean: v[0], Min: v[1], Max: v[2]})
+	}
+	if len(bars) == 0 {
+		return nil, nil
+	}
+	png := filepath.Join(dir, "boot.png")
+	if err := rangePlot(png, "import numpy inside a cold-booted VM, by image variant (median, min–max)", "seconds", "median", bars); err != nil {
+		return nil, err
+	}
+	return []string{png}, nil
+}
+
 // Replot redraws the PNG files of every experiment whose CSV is in dir and
-// returns the files written.
+// returns the files written. Experiments without plots (invoke) are skipped.
 func Replot(dir string) ([]string, error) {
 	plotters := map[string]func(*Report, string) ([]string, error){
-		"files": plotFiles, "imports": plotImports, "coldstart": plotColdstart,
+		"files": plotFiles, "imports": plotImports, "coldstart": plotColdstart, "boot": plotBoot,
 	}
 	var written []string
 	for _, name := range Experiments {
+		if plotters[name] == nil {
+			continue
+		}
 		f, err := os.Open(filepath.Join(dir, name+".csv"))
 		if os.IsNotExist(err) {
 			continue

@@ -1,33 +1,38 @@
 package build
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strings"
 	"time"
 
-	"github.com/kiln-dev/kiln/guest/agent"
+	"github.com/kiln-dev/kiln/internal/build/initramfs"
+	"github.com/kiln-dev/kiln/internal/build/kernel"
 	"github.com/kiln-dev/kiln/internal/cache"
+	"github.com/kiln-dev/kiln/internal/guest/agent"
+	"github.com/kiln-dev/kiln/internal/guest/proto"
 	"github.com/kiln-dev/kiln/internal/image"
-	"github.com/kiln-dev/kiln/internal/initramfs"
-	"github.com/kiln-dev/kiln/internal/kernel"
+	"github.com/kiln-dev/kiln/internal/size"
 	"github.com/kiln-dev/kiln/internal/spec"
+	"github.com/kiln-dev/kiln/internal/vmm"
 )
-
-// AgentPath is where the agent lives in every image.
-const AgentPath = "/usr/lib/kiln/agent.py"
 
 // Options tune Build. The zero value builds with defaults.
 type Options struct {
 	Output      string // image path; "" = <name>.kimg in the current directory
 	Compression string // "" = the spec's, else lz4hc
 	// Filesystem is the root filesystem: "" or "erofs" (the default), or
-	// "squashfs" (zstd; for comparisons, see docs/BENCHMARKS.md).
+	// "squashfs" (zstd; for comparisons, see docs/benchmarks.md).
 	Filesystem  string
 	Kernel      string // --kernel: a bzImage to use instead of Debian's cloud kernel
 	Modules     string // --modules: its lib/modules/<version> directory
@@ -97,6 +102,9 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 	if _, err := exec.LookPath("mkfs.erofs"); err != nil {
 		return nil, errors.New("mkfs.erofs not found: install erofs-utils (apt-get install erofs-utils)")
 	}
+	if err := checkResources(s, vmm.HostMemoryMiB(), vmm.HostCPUs(), log); err != nil {
+		return nil, err
+	}
 	initPath := o.Init
 	if initPath == "" {
 		p, err := FindInit()
@@ -157,9 +165,16 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 		if err != nil {
 			return "", err
 		}
-		return fmt.Sprintf("%d files, %s", st.Files, Size(st.TreeBytes)), nil
+		return fmt.Sprintf("%d files, %s", st.Files, size.Format(st.TreeBytes)), nil
 	}); err != nil {
 		return nil, err
+	}
+	if len(s.Preload) > 0 {
+		if err := step("check preload", func() (string, error) {
+			return checkPreload(ctx, s, tree, st.PythonExe, log)
+		}); err != nil {
+			return nil, err
+		}
 	}
 	rootfs := filepath.Join(work, "rootfs.img")
 	fsType := "erofs"
@@ -244,7 +259,7 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 		MemoryMiB:   s.MemoryMiB(),
 		VCPUs:       s.VCPUs,
 		Preload:     s.Preload,
-		Agent:       []string{"/usr/bin/python3", "-u", AgentPath},
+		Agent:       []string{"/usr/bin/python3", "-u", proto.AgentPath},
 		KilnVersion: o.KilnVersion,
 	}
 	for _, d := range st.Distributions {
@@ -281,24 +296,77 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 	return res, nil
 }
 
+// checkResources refuses a spec whose memory this host cannot give a VM
+// (QEMU would fail only at run time, in its own words), and warns of more
+// vCPUs than the host has.
+func checkResources(s *spec.Spec, hostMiB, hostCPUs int, log *slog.Logger) error {
+	if mem := s.MemoryMiB(); hostMiB > 0 && mem > hostMiB {
+		return fmt.Errorf("kiln.toml: key \"memory\": %s is more than this machine's %d MiB of RAM, and a VM cannot have more memory than its host: lower memory (kiln run --memory can raise it per run where there is more)", s.Memory, hostMiB)
+	}
+	if s.VCPUs > hostCPUs {
+		log.Warn(fmt.Sprintf("kiln.toml: key \"vcpus\": %d is more than this machine's %d CPUs: VMs will run slower than with %d", s.VCPUs, hostCPUs, hostCPUs))
+	}
+	return nil
+}
+
+// preloadCheck imports each module named on its command line and prints
+// the failures as a JSON object: module → "Type: message".
+const preloadCheck = `import importlib, json, sys
+errs = {}
+for m in sys.argv[1:]:
+    try:
+        importlib.import_module(m)
+    except BaseException as e:
+        errs[m] = "%s: %s" % (type(e).__name__, e)
+print(json.dumps(errs))
+`
+
+// checkPreload imports the spec's preload modules with the image's own
+// interpreter inside the staged tree (bubblewrap makes the tree the root,
+// read-only, as the guest sees it), so that a misspelled or missing module
+// fails the build instead of every VM. Without bubblewrap the check is
+// left to snapshot creation, which fails the same way; the build says so.
+func checkPreload(ctx context.Context, s *spec.Spec, tree, python string, log *slog.Logger) (string, error) {
+	bwrap, err := exec.LookPath("bwrap")
+	if err != nil {
+		log.Warn("preload modules not checked at build (no bwrap: apt-get install bubblewrap); a snapshot of the image fails if one cannot be imported")
+		return "skipped: no bwrap", nil
+	}
+	args := []string{"--ro-bind", tree, "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "HOME", "/root"}
+	for _, k := range slices.Sorted(maps.Keys(s.Env)) {
+		args = append(args, "--setenv", k, s.Env[k])
+	}
+	args = append(append(args, "--", python, "-c", preloadCheck), s.Preload...)
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bwrap, args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		if ctx.Err() != nil {
+			return "", ctx.Err()
+		}
+		log.Warn("preload modules not checked at build: running the image's python in bwrap failed; a snapshot of the image fails if one cannot be imported", "error", err, "stderr", tailString(stderr.String(), 500))
+		return "skipped: bwrap failed", nil
+	}
+	var failed map[string]string
+	if err := json.Unmarshal(stdout.Bytes(), &failed); err != nil {
+		return "", fmt.Errorf("checking preload modules: %w (output %q)", err, tailString(stdout.String(), 500))
+	}
+	if len(failed) > 0 {
+		var msgs []string
+		for _, m := range s.Preload {
+			if e, ok := failed[m]; ok {
+				msgs = append(msgs, m+": "+e)
+			}
+		}
+		return "", fmt.Errorf("kiln.toml: key \"preload\": the image cannot import %s: fix preload, or add the package that provides the module", strings.Join(msgs, "; "))
+	}
+	return fmt.Sprintf("%d modules import", len(s.Preload)), nil
+}
+
 func fileSize(p string) string {
 	fi, err := os.Stat(p)
 	if err != nil {
 		return ""
 	}
-	return Size(fi.Size())
-}
-
-// Size formats a byte count for people (binary units).
-func Size(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+	return size.Format(fi.Size())
 }

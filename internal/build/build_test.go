@@ -3,10 +3,14 @@ package build
 import (
 	"bytes"
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/kiln-dev/kiln/internal/spec"
+	"github.com/kiln-dev/kiln/internal/testutil"
 )
 
 func TestCheckHost(t *testing.T) {
@@ -26,18 +30,6 @@ func TestCheckHost(t *testing.T) {
 		}
 		if err != nil && !strings.Contains(err.Error(), "x86_64") {
 			t.Errorf("CheckHost(%s, %s) = %q, want it to say what to use instead", tt.goos, tt.goarch, err)
-		}
-	}
-}
-
-func TestSize(t *testing.T) {
-	tests := []struct {
-		n    int64
-		want string
-	}{{0, "0 B"}, {1023, "1023 B"}, {1024, "1.0 KiB"}, {63565824, "60.6 MiB"}, {3 << 30, "3.0 GiB"}}
-	for _, tt := range tests {
-		if got := Size(tt.n); got != tt.want {
-			t.Errorf("Size(%d) = %q, want %q", tt.n, got, tt.want)
 		}
 	}
 }
@@ -113,6 +105,7 @@ func TestSymlinkTargets(t *testing.T) {
 
 // TestMkSquashfs: reproducible bytes, and nothing left beside the output.
 func TestMkSquashfs(t *testing.T) {
+	testutil.NeedTool(t, "mksquashfs", "squashfs-tools")
 	tree, outDir := t.TempDir(), t.TempDir()
 	if err := os.WriteFile(filepath.Join(tree, "a.py"), []byte("x = 1\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -138,5 +131,27 @@ func TestMkSquashfs(t *testing.T) {
 	ents, _ := os.ReadDir(outDir)
 	if len(ents) != 2 {
 		t.Errorf("output directory holds %d entries, want 2 (no temporary files left)", len(ents))
+	}
+}
+
+// TestCheckResources: memory beyond the host is a build error naming the
+// key; vCPUs beyond the host a warning naming the key.
+func TestCheckResources(t *testing.T) {
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	s := &spec.Spec{Memory: "1T", VCPUs: 1}
+	if err := checkResources(s, 24000, 2, log); err == nil || !strings.Contains(err.Error(), `key "memory"`) || !strings.Contains(err.Error(), "1T") {
+		t.Errorf("checkResources(memory 1T, host 24000 MiB) = %v, want an error naming the key and the value", err)
+	}
+	s = &spec.Spec{Memory: "512M", VCPUs: 64}
+	if err := checkResources(s, 24000, 2, log); err != nil {
+		t.Errorf("checkResources(64 vCPUs) = %v, want only a warning", err)
+	}
+	if !strings.Contains(logs.String(), `key \"vcpus\"`) || !strings.Contains(logs.String(), "64") {
+		t.Errorf("checkResources(64 vCPUs on 2 CPUs) logged %q, want a warning naming the key", logs.String())
+	}
+	logs.Reset()
+	if err := checkResources(&spec.Spec{Memory: "512M", VCPUs: 1}, 24000, 2, log); err != nil || logs.Len() != 0 {
+		t.Errorf("checkResources(512M, 1 vCPU) = %v, logged %q; want nothing", err, logs.String())
 	}
 }

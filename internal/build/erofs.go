@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+
+	"github.com/google/renameio/v2"
 )
 
 // MkErofs makes a reproducible erofs image of dir at out: fixed UUID and
@@ -42,17 +44,11 @@ func MkErofs(ctx context.Context, dir, out, compression string) error {
 // the tool succeeds. The temporary file is removed on every failure.
 func mkfsAtomic(ctx context.Context, tool, out string, env []string, args func(tmp string) []string) error {
 	name := filepath.Base(tool)
-	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
+	tmp, err := renameio.NewPendingFile(out, renameio.WithTempDir(filepath.Dir(out)), renameio.WithStaticPermissions(0o644))
 	if err != nil {
 		return fmt.Errorf("creating %s image: %w", name, err)
 	}
-	tmp.Close()
-	ok := false
-	defer func() {
-		if !ok {
-			os.Remove(tmp.Name())
-		}
-	}()
+	defer tmp.Cleanup()
 	cmd := exec.CommandContext(ctx, tool, args(tmp.Name())...)
 	cmd.Env = append(os.Environ(), env...)
 	var outb bytes.Buffer
@@ -63,12 +59,8 @@ func mkfsAtomic(ctx context.Context, tool, out string, env []string, args func(t
 		}
 		return fmt.Errorf("%s failed: %w: %s", name, err, tailString(outb.String(), 2000))
 	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+	if err := tmp.CloseAtomicallyReplace(); err != nil {
 		return fmt.Errorf("creating %s image: %w", name, err)
 	}
-	if err := os.Rename(tmp.Name(), out); err != nil {
-		return fmt.Errorf("creating %s image: %w", name, err)
-	}
-	ok = true
 	return nil
 }

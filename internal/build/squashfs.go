@@ -9,7 +9,7 @@ import (
 // MkSquashfs makes a reproducible squashfs image (zstd, level 19) of dir at
 // out. kiln's default root filesystem is erofs, which imports Python
 // packages faster; squashfs exists so the two can be measured side by side
-// (docs/BENCHMARKS.md).
+// (docs/benchmarks.md).
 func MkSquashfs(ctx context.Context, dir, out string) error {
 	mk, err := exec.LookPath("mksquashfs")
 	if err != nil {

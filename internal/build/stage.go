@@ -11,6 +11,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net/textproto"
 	"os"
 	"os/exec"
 	"path"
@@ -19,8 +20,9 @@ import (
 	"sort"
 	"strings"
 
-	"github.com/kiln-dev/kiln/internal/debian"
-	"github.com/kiln-dev/kiln/internal/elfdeps"
+	"github.com/kiln-dev/kiln/internal/build/debian"
+	"github.com/kiln-dev/kiln/internal/build/elfdeps"
+	"github.com/kiln-dev/kiln/internal/guest/proto"
 	"github.com/kiln-dev/kiln/internal/spec"
 )
 
@@ -36,7 +38,7 @@ const (
 type StageOptions struct {
 	// Python is the interpreter from the spec; resolved on PATH if not absolute.
 	Python string
-	// Agent is the agent's Python source, written to AgentPath when non-empty.
+	// Agent is the agent's Python source, written to proto.AgentPath when non-empty.
 	Agent []byte
 	// Log receives progress details; nil discards them.
 	Log *slog.Logger
@@ -223,8 +225,8 @@ func StageRootfs(ctx context.Context, s *spec.Spec, o StageOptions, dir string) 
 	if err != nil {
 		return nil, err
 	}
-	if len(s.Debian) > 0 && !info.Debian {
-		return nil, errors.New("debian packages only fit Debian's own interpreter /usr/bin/python3; set python = \"/usr/bin/python3\" or use requirements")
+	if py := pythonPackages(s.Debian); len(py) > 0 && !info.Debian {
+		return nil, fmt.Errorf("debian packages only fit Debian's own interpreter /usr/bin/python3 when they hold Python modules (%s); set python = \"/usr/bin/python3\" or use requirements", strings.Join(py, ", "))
 	}
 	lay := layoutFor(info)
 	res := &Stage{
@@ -256,11 +258,14 @@ func StageRootfs(ctx context.Context, s *spec.Spec, o StageOptions, dir string) 
 			return nil, fmt.Errorf("creating Debian extraction directory: %w", err)
 		}
 		defer os.RemoveAll(debroot)
-		if err := st.step("debian packages", func() (string, error) {
-			return st.stageDebian(debroot)
+		var named []Distribution
+		if err := st.step("debian packages", func() (detail string, err error) {
+			detail, named, err = st.stageDebian(debroot)
+			return detail, err
 		}); err != nil {
 			return nil, err
 		}
+		dists = append(dists, named...)
 		roots = []string{debroot, "/"}
 		d, err := readDistributions(st.host(debSiteDir), "debian")
 		if err != nil {
@@ -294,7 +299,7 @@ func StageRootfs(ctx context.Context, s *spec.Spec, o StageOptions, dir string) 
 		return nil, err
 	}
 	if len(o.Agent) > 0 {
-		if err := writeFile(st.host(AgentPath), o.Agent, 0o644); err != nil {
+		if err := writeFile(st.host(proto.AgentPath), o.Agent, 0o644); err != nil {
 			return nil, err
 		}
 	}
@@ -304,7 +309,7 @@ func StageRootfs(ctx context.Context, s *spec.Spec, o StageOptions, dir string) 
 	}); err != nil {
 		return nil, err
 	}
-	compileDirs := []string{lay.stdlib, lay.site, debSiteDir, path.Dir(AgentPath)}
+	compileDirs := []string{lay.stdlib, lay.site, debSiteDir, path.Dir(proto.AgentPath)}
 	for _, g := range s.Files {
 		compileDirs = append(compileDirs, g)
 	}
@@ -443,29 +448,81 @@ func (st *stager) skipSite(rel string, d fs.DirEntry) bool {
 	return d.IsDir() && (name == "tests" || name == "test") && !st.keep[name]
 }
 
-// stageDebian fetches spec.Debian into debroot and copies their Python packages.
-func (st *stager) stageDebian(debroot string) (string, error) {
+// pythonPackages returns the Debian packages of names that hold Python
+// modules for Debian's interpreter (python3 and python3-*).
+func pythonPackages(names []string) []string {
+	var out []string
+	for _, n := range names {
+		if n == "python3" || strings.HasPrefix(n, "python3-") {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// stageDebian fetches spec.Debian and their dependencies into debroot (the
+// ELF closure's first root), copies the Python packages of all of them,
+// and copies everything the named packages themselves ship (libraries,
+// programs, data; not their documentation), so that a plain library
+// package such as libgomp1 lands in the image even when nothing links to
+// it. It returns the step's detail and the named packages as
+// distributions.
+func (st *stager) stageDebian(debroot string) (string, []Distribution, error) {
 	pkgs, err := debian.Resolve(st.ctx, st.s.Debian)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	if err := debian.Download(st.ctx, pkgs, st.log); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	if err := debian.Extract(st.ctx, pkgs, debroot); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	src := filepath.Join(debroot, debSiteDir)
 	if isDir(src) {
 		if err := copyTree(src, st.host(debSiteDir), st.skipSite); err != nil {
-			return "", fmt.Errorf("copying Debian python packages: %w", err)
+			return "", nil, fmt.Errorf("copying Debian python packages: %w", err)
 		}
 	}
-	n, err := st.symlinkTargets(debSiteDir, debroot)
-	if err != nil {
-		return "", err
+	var named []debian.Package
+	var dists []Distribution
+	for _, p := range pkgs {
+		if slices.Contains(st.s.Debian, p.Name) {
+			named = append(named, p)
+			if len(pythonPackages([]string{p.Name})) == 0 {
+				dists = append(dists, Distribution{Name: p.Name, Version: p.Version, Source: "debian-package"})
+			}
+		}
 	}
-	return fmt.Sprintf("%d packages, %d linked files", len(pkgs), n), nil
+	own, err := os.MkdirTemp("", "kiln-debnamed-")
+	if err != nil {
+		return "", nil, fmt.Errorf("creating Debian extraction directory: %w", err)
+	}
+	defer os.RemoveAll(own)
+	if err := debian.Extract(st.ctx, named, own); err != nil {
+		return "", nil, err
+	}
+	if err := copyTree(own, st.dir, skipDebianDocs); err != nil {
+		return "", nil, fmt.Errorf("copying the files of Debian packages %s: %w", strings.Join(st.s.Debian, ", "), err)
+	}
+	n := 0
+	if isDir(st.host(debSiteDir)) {
+		if n, err = st.symlinkTargets(debSiteDir, debroot); err != nil {
+			return "", nil, err
+		}
+	}
+	return fmt.Sprintf("%d packages, %d linked files", len(pkgs), n), dists, nil
+}
+
+// skipDebianDocs leaves out what a Debian package ships for people or for
+// dpkg, and the Python packages (copied from the whole closure already).
+func skipDebianDocs(rel string, d fs.DirEntry) bool {
+	switch rel {
+	case "usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/lintian", "usr/share/bug",
+		"usr/share/doc-base", "usr/share/locale", "etc/init.d", "etc/cron.daily", "etc/logrotate.d", debSiteDir[1:]:
+		return true
+	}
+	return false
 }
 
 // symlinkTargets copies, from root, the targets of the symlinks under the
@@ -736,32 +793,12 @@ func readDistributions(site, source string) ([]Distribution, error) {
 	return out, nil
 }
 
-// parseMetadata reads Name and Version from core metadata headers.
+// parseMetadata reads Name and Version from core metadata headers (an RFC
+// 822 style header block, parsed with net/textproto like Debian control
+// files). A malformed line ends the header block.
 func parseMetadata(r io.Reader) Distribution {
-	var d Distribution
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64*1024), 1024*1024)
-	for sc.Scan() {
-		line := sc.Text()
-		if strings.TrimSpace(line) == "" {
-			break
-		}
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		switch strings.ToLower(strings.TrimSpace(k)) {
-		case "name":
-			if d.Name == "" {
-				d.Name = strings.TrimSpace(v)
-			}
-		case "version":
-			if d.Version == "" {
-				d.Version = strings.TrimSpace(v)
-			}
-		}
-	}
-	return d
+	h, _ := textproto.NewReader(bufio.NewReader(r)).ReadMIMEHeader()
+	return Distribution{Name: strings.TrimSpace(h.Get("Name")), Version: strings.TrimSpace(h.Get("Version"))}
 }
 
 // logWriter forwards a subprocess's output lines to the debug log.

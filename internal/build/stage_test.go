@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path"
@@ -17,6 +18,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/kiln-dev/kiln/internal/spec"
+
+	"github.com/kiln-dev/kiln/internal/testutil"
 )
 
 // bwrapRun runs a command with the staged tree as its root filesystem, the
@@ -120,6 +123,7 @@ func exists(p string) bool {
 }
 
 func TestStageDebianNumpy(t *testing.T) {
+	testutil.NeedNetwork(t)
 	dir := filepath.Join(t.TempDir(), "rootfs")
 	s := &spec.Spec{Name: "np", Python: "/usr/bin/python3", Debian: []string{"python3-numpy"}, Dir: t.TempDir()}
 	var steps []string
@@ -191,6 +195,7 @@ print(f, marshal.loads(open(f, "rb").read()[16:]).co_filename)`
 // TestStagePipDeterministic stages a pip requirement from a local wheel twice
 // and checks both trees are identical and that their erofs images match.
 func TestStagePipDeterministic(t *testing.T) {
+	testutil.NeedTool(t, "mkfs.erofs", "erofs-utils")
 	project := t.TempDir()
 	wheels := filepath.Join(project, "wheels")
 	if err := os.MkdirAll(wheels, 0o755); err != nil {
@@ -432,4 +437,43 @@ func FuzzParseMetadata(f *testing.F) {
 			t.Fatalf("parseMetadata(%q) = %+v: untrimmed", s, d)
 		}
 	})
+}
+
+// TestStageDebianLibrary: a Debian package that is not a Python package
+// (libgomp1) lands in the image, with its library, and the build checks
+// preload modules inside the staged tree.
+func TestStageDebianLibrary(t *testing.T) {
+	testutil.NeedNetwork(t)
+	dir := filepath.Join(t.TempDir(), "rootfs")
+	s := &spec.Spec{Name: "gomp", Python: "/usr/bin/python3", Debian: []string{"libgomp1"}, Dir: t.TempDir()}
+	st, err := StageRootfs(context.Background(), s, StageOptions{}, dir)
+	if err != nil {
+		t.Fatalf("StageRootfs(debian = [\"libgomp1\"]): %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "usr/lib/x86_64-linux-gnu/libgomp.so.1")); err != nil {
+		t.Errorf("staged tree lacks libgomp1's library: %v", err)
+	}
+	if exists(filepath.Join(dir, "usr/share/doc/libgomp1")) {
+		t.Errorf("staged tree has libgomp1's documentation, want it left out")
+	}
+	found := false
+	for _, d := range st.Distributions {
+		found = found || d.Name == "libgomp1" && d.Source == "debian-package" && d.Version != ""
+	}
+	if !found {
+		t.Errorf("Distributions = %v, want libgomp1 as a Debian package", st.Distributions)
+	}
+	if got := bwrapRun(t, dir, "/usr/bin/python3", "-c", "import ctypes; ctypes.CDLL('libgomp.so.1'); print('ok')"); got != "ok" {
+		t.Errorf("loading libgomp.so.1 in the staged tree printed %q, want ok", got)
+	}
+
+	s.Preload = []string{"json", "nosuchmodule_kiln"}
+	_, err = checkPreload(context.Background(), s, dir, st.PythonExe, slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), `key "preload"`) || !strings.Contains(err.Error(), "nosuchmodule_kiln: ModuleNotFoundError") || strings.Contains(err.Error(), "json") {
+		t.Errorf("checkPreload(json, nosuchmodule_kiln) = %v, want an error naming the key, nosuchmodule_kiln and its ImportError only", err)
+	}
+	s.Preload = []string{"json"}
+	if detail, err := checkPreload(context.Background(), s, dir, st.PythonExe, slog.New(slog.DiscardHandler)); err != nil || detail != "1 modules import" {
+		t.Errorf("checkPreload(json) = %q, %v; want success", detail, err)
+	}
 }

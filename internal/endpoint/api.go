@@ -12,35 +12,14 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 	"github.com/kiln-dev/kiln/internal/guest/task"
 )
-
-// Version is the API version prefix.
-const Version = "v1"
-
-// Error codes of JSON error bodies.
-const (
-	ErrCodeBadRequest      = "bad_request"
-	ErrCodeUnauthorized    = "unauthorized"
-	ErrCodeNotFound        = "not_found"
-	ErrCodeUnknownFunction = "unknown_function"
-	ErrCodeUnknownImage    = "unknown_image"
-	ErrCodeUnknownTask     = "unknown_task"
-	ErrCodeBadImage        = "bad_image"
-	ErrCodeTooLarge        = "too_large"
-	ErrCodeQueueFull       = "queue_full"
-	ErrCodeInternal        = "internal"
-)
-
-// ErrorBody is the JSON body of every error response.
-type ErrorBody struct {
-	Error string `json:"error"`
-	Code  string `json:"code"`
-}
 
 type apiError struct {
 	status     int
@@ -53,70 +32,6 @@ func (e *apiError) Error() string { return e.msg }
 
 func errorf(status int, code, format string, args ...any) *apiError {
 	return &apiError{status: status, code: code, msg: fmt.Sprintf(format, args...)}
-}
-
-// Duration is a JSON duration: a Go duration string ("30s", "1m30s") or a
-// number of seconds.
-type Duration time.Duration
-
-// UnmarshalJSON accepts "30s" or 30.
-func (d *Duration) UnmarshalJSON(b []byte) error {
-	var s string
-	if err := json.Unmarshal(b, &s); err == nil {
-		v, err := time.ParseDuration(s)
-		if err != nil {
-			return fmt.Errorf("duration %q: want e.g. \"30s\" or a number of seconds", s)
-		}
-		*d = Duration(v)
-		return nil
-	}
-	var f float64
-	if err := json.Unmarshal(b, &f); err != nil {
-		return fmt.Errorf("duration %s: want e.g. \"30s\" or a number of seconds", b)
-	}
-	if f > float64(1<<62)/1e9 || f < -float64(1<<62)/1e9 {
-		return fmt.Errorf("duration %s is out of range", b)
-	}
-	*d = Duration(time.Duration(f * float64(time.Second)))
-	return nil
-}
-
-// MarshalJSON writes the duration as a string.
-func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
-
-// RegisterRequest is the body of POST /v1/functions.
-type RegisterRequest struct {
-	Name       string   `json:"name,omitempty"`
-	Image      string   `json:"image"`
-	Kind       string   `json:"kind,omitempty"` // source | pickle | ref; default: whichever of source, pickle, ref is set
-	Source     string   `json:"source,omitempty"`
-	Function   string   `json:"function,omitempty"` // the function to call in source (default: the only one it defines)
-	Ref        string   `json:"ref,omitempty"`      // "module:function" importable in the image
-	Pickle     []byte   `json:"pickle,omitempty"`   // base64
-	Pickler    string   `json:"pickler,omitempty"`  // cloudpickle | dill | pickle
-	Timeout    Duration `json:"timeout,omitempty"`
-	MemoryMiB  int      `json:"memory_mib,omitempty"`
-	MaxResult  int      `json:"max_result,omitempty"`
-	MaxRetries int      `json:"max_retries,omitempty"`
-}
-
-// SubmitRequest is the body of POST /v1/tasks and an item of a batch.
-type SubmitRequest struct {
-	FunctionID string      `json:"function_id,omitempty"`
-	Args       *task.Value `json:"args,omitempty"`   // a list
-	Kwargs     *task.Value `json:"kwargs,omitempty"` // a dict
-}
-
-// BatchRequest is the body of POST /v1/tasks/batch.
-type BatchRequest struct {
-	FunctionID string          `json:"function_id,omitempty"` // for items that name none
-	Tasks      []SubmitRequest `json:"tasks"`
-}
-
-// WaitRequest is the body of POST /v1/tasks/wait.
-type WaitRequest struct {
-	TaskIDs []string `json:"task_ids"`
-	Timeout Duration `json:"timeout,omitempty"`
 }
 
 // decodeStrict decodes exactly one JSON value with no unknown fields.
@@ -144,8 +59,8 @@ func decodeStrict(r io.Reader, dst any) error {
 }
 
 // DecodeRegister decodes and checks a registration body.
-func DecodeRegister(r io.Reader) (*RegisterRequest, error) {
-	var req RegisterRequest
+func DecodeRegister(r io.Reader) (*apitype.RegisterRequest, error) {
+	var req apitype.RegisterRequest
 	if err := decodeStrict(r, &req); err != nil {
 		return nil, err
 	}
@@ -207,7 +122,7 @@ func checkValue(v *task.Value, what string, want byte) error {
 	return nil
 }
 
-func (r *SubmitRequest) check() error {
+func checkSubmit(r *apitype.SubmitRequest) error {
 	if err := checkValue(r.Args, "args", '['); err != nil {
 		return err
 	}
@@ -215,23 +130,23 @@ func (r *SubmitRequest) check() error {
 }
 
 // DecodeSubmit decodes and checks a task submission.
-func DecodeSubmit(r io.Reader) (*SubmitRequest, error) {
-	var req SubmitRequest
+func DecodeSubmit(r io.Reader) (*apitype.SubmitRequest, error) {
+	var req apitype.SubmitRequest
 	if err := decodeStrict(r, &req); err != nil {
 		return nil, err
 	}
 	if req.FunctionID == "" {
 		return nil, errors.New("no function_id: register the function first (POST /v1/functions)")
 	}
-	if err := req.check(); err != nil {
+	if err := checkSubmit(&req); err != nil {
 		return nil, err
 	}
 	return &req, nil
 }
 
 // DecodeBatch decodes and checks a batch of at most max tasks.
-func DecodeBatch(r io.Reader, max int) (*BatchRequest, error) {
-	var req BatchRequest
+func DecodeBatch(r io.Reader, max int) (*apitype.BatchRequest, error) {
+	var req apitype.BatchRequest
 	if err := decodeStrict(r, &req); err != nil {
 		return nil, err
 	}
@@ -249,7 +164,7 @@ func DecodeBatch(r io.Reader, max int) (*BatchRequest, error) {
 		if t.FunctionID == "" {
 			return nil, fmt.Errorf("task %d: no function_id", i)
 		}
-		if err := t.check(); err != nil {
+		if err := checkSubmit(t); err != nil {
 			return nil, fmt.Errorf("task %d: %w", i, err)
 		}
 	}
@@ -257,8 +172,8 @@ func DecodeBatch(r io.Reader, max int) (*BatchRequest, error) {
 }
 
 // DecodeWait decodes and checks a wait request for at most max ids.
-func DecodeWait(r io.Reader, max int) (*WaitRequest, error) {
-	var req WaitRequest
+func DecodeWait(r io.Reader, max int) (*apitype.WaitRequest, error) {
+	var req apitype.WaitRequest
 	if err := decodeStrict(r, &req); err != nil {
 		return nil, err
 	}
@@ -274,43 +189,10 @@ func DecodeWait(r io.Reader, max int) (*WaitRequest, error) {
 	return &req, nil
 }
 
-// FunctionView is a function as the API shows it.
-type FunctionView struct {
-	ID          string    `json:"id"`
-	Name        string    `json:"name"`
-	Kind        string    `json:"kind"`
-	Function    string    `json:"function,omitempty"`
-	Ref         string    `json:"ref,omitempty"`
-	Pickler     string    `json:"pickler,omitempty"`
-	SourceBytes int       `json:"source_bytes,omitempty"`
-	PickleBytes int       `json:"pickle_bytes,omitempty"`
-	Image       string    `json:"image"`
-	ImageDigest string    `json:"image_digest"`
-	Timeout     Duration  `json:"timeout"`
-	MemoryMiB   int       `json:"memory_mib"`
-	MaxResult   int       `json:"max_result"`
-	MaxRetries  int       `json:"max_retries"`
-	CreatedAt   time.Time `json:"created_at"`
-}
-
-func viewFunction(f *Function) FunctionView {
-	return FunctionView{ID: f.ID, Name: f.Name, Kind: f.Kind, Function: f.Entry, Ref: f.Ref, Pickler: f.Pickler,
+func viewFunction(f *Function) apitype.FunctionView {
+	return apitype.FunctionView{ID: f.ID, Name: f.Name, Kind: f.Kind, Function: f.Entry, Ref: f.Ref, Pickler: f.Pickler,
 		SourceBytes: len(f.Source), PickleBytes: len(f.Pickle), Image: f.Image, ImageDigest: f.ImageDigest,
-		Timeout: Duration(f.Timeout()), MemoryMiB: f.MemoryMiB, MaxResult: f.MaxResult, MaxRetries: f.MaxRetries, CreatedAt: f.Created}
-}
-
-// TaskView is a task as the API shows it.
-type TaskView struct {
-	ID         string          `json:"id"`
-	FunctionID string          `json:"function_id"`
-	State      string          `json:"state"`
-	Attempts   int             `json:"attempts"`
-	CreatedAt  time.Time       `json:"created_at"`
-	StartedAt  *time.Time      `json:"started_at,omitempty"`
-	FinishedAt *time.Time      `json:"finished_at,omitempty"`
-	Result     json.RawMessage `json:"result,omitempty"` // the agent's result: ok, value, error, stdout, stderr, timings
-	Error      string          `json:"error,omitempty"`
-	ErrorCode  string          `json:"error_code,omitempty"`
+		Timeout: apitype.Duration(f.Timeout()), MemoryMiB: f.MemoryMiB, MaxResult: f.MaxResult, MaxRetries: f.MaxRetries, CreatedAt: f.Created}
 }
 
 func timePtr(t time.Time) *time.Time {
@@ -320,17 +202,13 @@ func timePtr(t time.Time) *time.Time {
 	return &t
 }
 
-func viewTask(t *TaskRecord, withResult bool) TaskView {
-	v := TaskView{ID: t.ID, FunctionID: t.FunctionID, State: t.State, Attempts: t.Attempts, CreatedAt: t.Created,
+func viewTask(t *TaskRecord, withResult bool) apitype.TaskView {
+	v := apitype.TaskView{ID: t.ID, FunctionID: t.FunctionID, State: t.State, Attempts: t.Attempts, CreatedAt: t.Created,
 		StartedAt: timePtr(t.Started), FinishedAt: timePtr(t.Finished), Error: t.Error, ErrorCode: t.ErrorCode}
 	if withResult {
 		v.Result = t.Result
 	}
 	return v
-}
-
-func finished(state string) bool {
-	return state == StateSucceeded || state == StateFailed || state == StateCancelled
 }
 
 // Handler returns the HTTP handler of the API.
@@ -356,7 +234,7 @@ func (s *Server) Handler() http.Handler {
 	h("GET /v1/tasks/{id}", s.getTask)
 	h("POST /v1/tasks/{id}/cancel", s.cancelTask)
 	h("/", func(w http.ResponseWriter, r *http.Request) error {
-		return errorf(http.StatusNotFound, ErrCodeNotFound, "no route %s %s (see docs/api.md)", r.Method, r.URL.Path)
+		return errorf(http.StatusNotFound, apitype.ErrCodeNotFound, "no route %s %s (see docs/api.md)", r.Method, r.URL.Path)
 	})
 	return s.middleware(mux)
 }
@@ -381,12 +259,12 @@ func (s *Server) middleware(next http.Handler) http.Handler {
 				if ok {
 					msg = "wrong bearer token"
 				}
-				s.writeError(w, errorf(http.StatusUnauthorized, ErrCodeUnauthorized, "%s", msg))
+				s.writeError(w, errorf(http.StatusUnauthorized, apitype.ErrCodeUnauthorized, "%s", msg))
 				return
 			}
 		}
 		if r.ContentLength > s.cfg.MaxBody {
-			s.writeError(w, errorf(http.StatusRequestEntityTooLarge, ErrCodeTooLarge, "request body of %d bytes is over the limit of %d bytes", r.ContentLength, s.cfg.MaxBody))
+			s.writeError(w, errorf(http.StatusRequestEntityTooLarge, apitype.ErrCodeTooLarge, "request body of %d bytes is over the limit of %d bytes", r.ContentLength, s.cfg.MaxBody))
 			return
 		}
 		if r.Body != nil {
@@ -402,15 +280,15 @@ func (s *Server) writeError(w http.ResponseWriter, err error) {
 	switch {
 	case errors.As(err, &ae):
 	case errors.As(err, &mbe):
-		ae = errorf(http.StatusRequestEntityTooLarge, ErrCodeTooLarge, "request body is over the limit of %d bytes", mbe.Limit)
+		ae = errorf(http.StatusRequestEntityTooLarge, apitype.ErrCodeTooLarge, "request body is over the limit of %d bytes", mbe.Limit)
 	default:
 		s.cfg.Log.Error("request failed", "error", err)
-		ae = errorf(http.StatusInternalServerError, ErrCodeInternal, "%s", err.Error())
+		ae = errorf(http.StatusInternalServerError, apitype.ErrCodeInternal, "%s", err.Error())
 	}
 	if ae.retryAfter > 0 {
 		w.Header().Set("Retry-After", strconv.Itoa(ae.retryAfter))
 	}
-	writeJSON(w, ae.status, ErrorBody{Error: ae.msg, Code: ae.code})
+	writeJSON(w, ae.status, apitype.ErrorBody{Error: ae.msg, Code: ae.code})
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -426,11 +304,11 @@ func badRequest(err error) error {
 	if errors.As(err, &mbe) {
 		return err
 	}
-	return errorf(http.StatusBadRequest, ErrCodeBadRequest, "%s", err.Error())
+	return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "%s", err.Error())
 }
 
 func (s *Server) health(w http.ResponseWriter, r *http.Request) error {
-	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "api": Version})
+	writeJSON(w, http.StatusOK, apitype.Health{Status: "ok", API: apitype.Version})
 	return nil
 }
 
@@ -449,7 +327,7 @@ func (s *Server) listImages(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"images": imgs})
+	writeJSON(w, http.StatusOK, apitype.ImageList{Images: imgs})
 	return nil
 }
 
@@ -466,10 +344,10 @@ func (s *Server) registerFunction(w http.ResponseWriter, r *http.Request) error 
 	}
 	info, err := s.images.lookup(req.Image)
 	if errors.Is(err, ErrUnknownImage) {
-		return errorf(http.StatusNotFound, ErrCodeUnknownImage, "%s", err.Error())
+		return errorf(http.StatusNotFound, apitype.ErrCodeUnknownImage, "%s", err.Error())
 	}
 	if err != nil {
-		return errorf(http.StatusBadRequest, ErrCodeBadImage, "%s", err.Error())
+		return errorf(http.StatusBadRequest, apitype.ErrCodeBadImage, "%s", err.Error())
 	}
 	fn := &Function{Name: req.Name, Kind: req.Kind, Source: req.Source, Entry: req.Function, Ref: req.Ref, Pickle: req.Pickle, Pickler: req.Pickler,
 		Image: req.Image, ImagePath: info.Path, ImageDigest: info.Digest, MaxRetries: req.MaxRetries}
@@ -478,7 +356,7 @@ func (s *Server) registerFunction(w http.ResponseWriter, r *http.Request) error 
 		timeout = s.cfg.DefaultTimeout
 	}
 	if timeout > s.cfg.MaxTimeout {
-		return errorf(http.StatusBadRequest, ErrCodeBadRequest, "timeout %s is over the endpoint's limit of %s", timeout, s.cfg.MaxTimeout)
+		return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "timeout %s is over the endpoint's limit of %s", timeout, s.cfg.MaxTimeout)
 	}
 	fn.TimeoutMS = max(timeout.Milliseconds(), 1)
 	fn.MemoryMiB = req.MemoryMiB
@@ -489,14 +367,14 @@ func (s *Server) registerFunction(w http.ResponseWriter, r *http.Request) error 
 		fn.MemoryMiB = 512
 	}
 	if fn.MemoryMiB < 64 || fn.MemoryMiB > s.cfg.MaxMemoryMiB {
-		return errorf(http.StatusBadRequest, ErrCodeBadRequest, "memory_mib %d: want between 64 and the endpoint's limit of %d", fn.MemoryMiB, s.cfg.MaxMemoryMiB)
+		return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "memory_mib %d: want between 64 and the endpoint's limit of %d", fn.MemoryMiB, s.cfg.MaxMemoryMiB)
 	}
 	fn.MaxResult = req.MaxResult
 	if fn.MaxResult == 0 {
 		fn.MaxResult = s.cfg.DefaultMaxResult
 	}
 	if fn.MaxResult > s.cfg.MaxResultCap {
-		return errorf(http.StatusBadRequest, ErrCodeBadRequest, "max_result %d is over the endpoint's limit of %d bytes", fn.MaxResult, s.cfg.MaxResultCap)
+		return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "max_result %d is over the endpoint's limit of %d bytes", fn.MaxResult, s.cfg.MaxResultCap)
 	}
 	if fn.Name == "" {
 		fn.Name = map[string]string{task.KindSource: fn.Entry, task.KindRef: fn.Ref, task.KindPickle: "pickled"}[fn.Kind]
@@ -522,11 +400,11 @@ func (s *Server) listFunctions(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out := make([]FunctionView, 0, len(fns))
+	out := make([]apitype.FunctionView, 0, len(fns))
 	for _, f := range fns {
 		out = append(out, viewFunction(f))
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"functions": out})
+	writeJSON(w, http.StatusOK, apitype.FunctionList{Functions: out})
 	return nil
 }
 
@@ -542,7 +420,7 @@ func (s *Server) getFunction(w http.ResponseWriter, r *http.Request) error {
 func (s *Server) function(ctx context.Context, id string) (*Function, error) {
 	fn, err := s.store.Function(ctx, id)
 	if errors.Is(err, ErrNotFound) {
-		return nil, errorf(http.StatusNotFound, ErrCodeUnknownFunction, "unknown function %q: register it with POST /v1/functions", id)
+		return nil, errorf(http.StatusNotFound, apitype.ErrCodeUnknownFunction, "unknown function %q: register it with POST /v1/functions", id)
 	}
 	return fn, err
 }
@@ -552,11 +430,11 @@ func (s *Server) submit(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return badRequest(err)
 	}
-	ids, err := s.enqueue(r.Context(), []SubmitRequest{*req})
+	ids, err := s.enqueue(r.Context(), []apitype.SubmitRequest{*req})
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusAccepted, map[string]any{"task_id": ids[0], "state": StateQueued})
+	writeJSON(w, http.StatusAccepted, apitype.SubmitResponse{TaskID: ids[0], State: apitype.StateQueued})
 	return nil
 }
 
@@ -569,12 +447,12 @@ func (s *Server) submitBatch(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusAccepted, map[string]any{"task_ids": ids})
+	writeJSON(w, http.StatusAccepted, apitype.BatchResponse{TaskIDs: ids})
 	return nil
 }
 
 // enqueue stores and queues tasks, all or none.
-func (s *Server) enqueue(ctx context.Context, reqs []SubmitRequest) ([]string, error) {
+func (s *Server) enqueue(ctx context.Context, reqs []apitype.SubmitRequest) ([]string, error) {
 	fns := map[string]*Function{}
 	for _, q := range reqs {
 		if fns[q.FunctionID] == nil {
@@ -587,7 +465,7 @@ func (s *Server) enqueue(ctx context.Context, reqs []SubmitRequest) ([]string, e
 	}
 	if q := s.sched.queuedCount(); q+len(reqs) > s.cfg.MaxQueued {
 		s.m.rejected.Add(float64(len(reqs)))
-		e := errorf(http.StatusTooManyRequests, ErrCodeQueueFull, "the queue is full (%d tasks queued, limit %d): retry later", q, s.cfg.MaxQueued)
+		e := errorf(http.StatusTooManyRequests, apitype.ErrCodeQueueFull, "the queue is full (%d tasks queued, limit %d): retry later", q, s.cfg.MaxQueued)
 		e.retryAfter = min(max(q/(10*s.cfg.MaxVMs), 1), 60)
 		return nil, e
 	}
@@ -634,12 +512,12 @@ func (s *Server) parseWait(r *http.Request) (time.Duration, error) {
 	if err != nil {
 		f, ferr := strconv.ParseFloat(q, 64)
 		if ferr != nil || f < 0 || f > 1e6 {
-			return 0, errorf(http.StatusBadRequest, ErrCodeBadRequest, "wait=%q: want a duration such as 30s", q)
+			return 0, errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "wait=%q: want a duration such as 30s", q)
 		}
 		d = time.Duration(f * float64(time.Second))
 	}
 	if d < 0 {
-		return 0, errorf(http.StatusBadRequest, ErrCodeBadRequest, "wait must not be negative")
+		return 0, errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "wait must not be negative")
 	}
 	return min(d, s.cfg.MaxWait), nil
 }
@@ -647,7 +525,7 @@ func (s *Server) parseWait(r *http.Request) (time.Duration, error) {
 func (s *Server) task(ctx context.Context, id string) (*TaskRecord, error) {
 	t, err := s.store.Task(ctx, id)
 	if errors.Is(err, ErrNotFound) {
-		return nil, errorf(http.StatusNotFound, ErrCodeUnknownTask, "unknown task %q (results are kept for %s after they finish)", id, s.cfg.ResultTTL)
+		return nil, errorf(http.StatusNotFound, apitype.ErrCodeUnknownTask, "unknown task %q (results are kept for %s after they finish)", id, s.cfg.ResultTTL)
 	}
 	return t, err
 }
@@ -668,7 +546,7 @@ func (s *Server) getTask(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if wait > 0 && !finished(t.State) {
+	if wait > 0 && !apitype.Finished(t.State) {
 		timer := time.NewTimer(wait)
 		defer timer.Stop()
 		select {
@@ -695,7 +573,7 @@ func (s *Server) waitTasks(w http.ResponseWriter, r *http.Request) error {
 	defer done()
 	deadline := time.Now().Add(wait)
 	for {
-		var out []TaskView
+		var out []apitype.TaskView
 		var unknown []string
 		ts, err := s.store.TasksByID(r.Context(), req.TaskIDs)
 		if err != nil {
@@ -707,19 +585,19 @@ func (s *Server) waitTasks(w http.ResponseWriter, r *http.Request) error {
 				unknown = append(unknown, id)
 				continue
 			}
-			if finished(t.State) {
+			if apitype.Finished(t.State) {
 				out = append(out, viewTask(t, true))
 			}
 		}
 		left := time.Until(deadline)
 		if len(out) > 0 || len(unknown) > 0 || left <= 0 {
 			if out == nil {
-				out = []TaskView{}
+				out = []apitype.TaskView{}
 			}
 			if unknown == nil {
 				unknown = []string{}
 			}
-			writeJSON(w, http.StatusOK, map[string]any{"tasks": out, "unknown": unknown})
+			writeJSON(w, http.StatusOK, apitype.WaitResponse{Tasks: out, Unknown: unknown})
 			return nil
 		}
 		timer := time.NewTimer(left)
@@ -739,44 +617,35 @@ func (s *Server) waitTasks(w http.ResponseWriter, r *http.Request) error {
 func (s *Server) listTasks(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	f := TaskFilter{State: q.Get("state"), FunctionID: q.Get("function_id")}
-	if f.State != "" && !validState(f.State) {
-		return errorf(http.StatusBadRequest, ErrCodeBadRequest, "state=%q: want one of %s", f.State, strings.Join(States, ", "))
+	if f.State != "" && !slices.Contains(apitype.States, f.State) {
+		return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "state=%q: want one of %s", f.State, strings.Join(apitype.States, ", "))
 	}
 	var err error
 	if v := q.Get("after"); v != "" {
 		if f.After, err = strconv.ParseInt(v, 10, 64); err != nil {
-			return errorf(http.StatusBadRequest, ErrCodeBadRequest, "after=%q: want the next_after of the previous page", v)
+			return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "after=%q: want the next_after of the previous page", v)
 		}
 	}
 	f.Limit = 100
 	if v := q.Get("limit"); v != "" {
 		if f.Limit, err = strconv.Atoi(v); err != nil || f.Limit < 1 || f.Limit > 1000 {
-			return errorf(http.StatusBadRequest, ErrCodeBadRequest, "limit=%q: want 1 to 1000", v)
+			return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "limit=%q: want 1 to 1000", v)
 		}
 	}
 	ts, err := s.store.Tasks(r.Context(), f)
 	if err != nil {
 		return err
 	}
-	out := make([]TaskView, 0, len(ts))
+	out := make([]apitype.TaskView, 0, len(ts))
 	for _, t := range ts {
 		out = append(out, viewTask(t, false))
 	}
-	resp := map[string]any{"tasks": out}
+	resp := apitype.TaskList{Tasks: out}
 	if len(ts) == f.Limit {
-		resp["next_after"] = ts[len(ts)-1].Seq
+		resp.NextAfter = ts[len(ts)-1].Seq
 	}
 	writeJSON(w, http.StatusOK, resp)
 	return nil
-}
-
-func validState(s string) bool {
-	for _, x := range States {
-		if s == x {
-			return true
-		}
-	}
-	return false
 }
 
 func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request) error {
@@ -786,19 +655,19 @@ func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	switch t.State {
-	case StateQueued:
+	case apitype.StateQueued:
 		ok, err := s.store.CancelQueued(r.Context(), id, time.Now(), s.cfg.ResultTTL)
 		if err != nil {
 			return err
 		}
 		if ok {
 			s.sched.removeQueued(t.FunctionID, id)
-			s.m.completed.WithLabelValues(StateCancelled).Inc()
+			s.m.completed.WithLabelValues(apitype.StateCancelled).Inc()
 			s.w.notify(id)
 		} else {
 			s.sched.cancelRunning(id) // it started meanwhile
 		}
-	case StateRunning:
+	case apitype.StateRunning:
 		s.sched.cancelRunning(id)
 	}
 	if t, err = s.task(r.Context(), id); err != nil {

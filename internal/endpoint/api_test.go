@@ -1,6 +1,8 @@
 package endpoint
 
 import (
+	"github.com/kiln-dev/kiln/internal/testutil"
+
 	"encoding/json"
 	"net/http"
 	"os"
@@ -10,6 +12,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 )
 
 // TestErrors: bad requests get the right status and a JSON error body, and
@@ -29,31 +33,31 @@ func TestErrors(t *testing.T) {
 		status int
 		code   string
 	}{
-		{"no token", noAuth, "GET", "/v1/functions", nil, 401, ErrCodeUnauthorized},
-		{"wrong token", wrongAuth, "POST", "/v1/tasks", `{"function_id":"fn-known"}`, 401, ErrCodeUnauthorized},
-		{"metrics need a token", noAuth, "GET", "/metrics", nil, 401, ErrCodeUnauthorized},
-		{"oversized body", ts.c, "POST", "/v1/tasks", big, 413, ErrCodeTooLarge},
-		{"oversized batch", ts.c, "POST", "/v1/tasks/batch", `{"tasks":[` + strings.Repeat(`{"function_id":"fn-known"},`, 300) + `{}]}`, 413, ErrCodeTooLarge},
-		{"malformed JSON", ts.c, "POST", "/v1/tasks", `{"function_id":`, 400, ErrCodeBadRequest},
-		{"empty body", ts.c, "POST", "/v1/functions", "", 400, ErrCodeBadRequest},
-		{"unknown field", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-known","argz":[]}`, 400, ErrCodeBadRequest},
-		{"trailing data", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-known"} {}`, 400, ErrCodeBadRequest},
-		{"args not a list", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-known","args":{"enc":"json","data":{"a":1}}}`, 400, ErrCodeBadRequest},
-		{"bad pickle", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-known","args":{"enc":"pickle","data":"!!"}}`, 400, ErrCodeBadRequest},
-		{"bad wait", ts.c, "GET", "/v1/tasks/t-x?wait=soon", nil, 400, ErrCodeBadRequest},
-		{"bad state filter", ts.c, "GET", "/v1/tasks?state=done", nil, 400, ErrCodeBadRequest},
-		{"unknown function", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-nope"}`, 404, ErrCodeUnknownFunction},
-		{"unknown function in batch", ts.c, "POST", "/v1/tasks/batch", `{"tasks":[{"function_id":"fn-known"},{"function_id":"fn-nope"}]}`, 404, ErrCodeUnknownFunction},
-		{"get unknown function", ts.c, "GET", "/v1/functions/fn-nope", nil, 404, ErrCodeUnknownFunction},
-		{"unknown task", ts.c, "GET", "/v1/tasks/t-nope", nil, 404, ErrCodeUnknownTask},
-		{"cancel unknown task", ts.c, "POST", "/v1/tasks/t-nope/cancel", nil, 404, ErrCodeUnknownTask},
-		{"unknown image", ts.c, "POST", "/v1/functions", `{"image":"nope","source":"def f():\n    return 1\n"}`, 404, ErrCodeUnknownImage},
-		{"image outside the directory", ts.c, "POST", "/v1/functions", `{"image":"../../etc/passwd","source":"def f():\n    return 1\n"}`, 404, ErrCodeUnknownImage},
-		{"absolute image path outside", ts.c, "POST", "/v1/functions", `{"image":"/etc/passwd","source":"def f():\n    return 1\n"}`, 404, ErrCodeUnknownImage},
-		{"nothing to run", ts.c, "POST", "/v1/functions", `{"image":"numpy"}`, 400, ErrCodeBadRequest},
-		{"bad kind", ts.c, "POST", "/v1/functions", `{"image":"numpy","kind":"shell","source":"ls"}`, 400, ErrCodeBadRequest},
-		{"bad timeout", ts.c, "POST", "/v1/functions", `{"image":"numpy","source":"def f():\n    return 1\n","timeout":"soon"}`, 400, ErrCodeBadRequest},
-		{"unknown route", ts.c, "GET", "/v2/things", nil, 404, ErrCodeNotFound},
+		{"no token", noAuth, "GET", "/v1/functions", nil, 401, apitype.ErrCodeUnauthorized},
+		{"wrong token", wrongAuth, "POST", "/v1/tasks", `{"function_id":"fn-known"}`, 401, apitype.ErrCodeUnauthorized},
+		{"metrics need a token", noAuth, "GET", "/metrics", nil, 401, apitype.ErrCodeUnauthorized},
+		{"oversized body", ts.c, "POST", "/v1/tasks", big, 413, apitype.ErrCodeTooLarge},
+		{"oversized batch", ts.c, "POST", "/v1/tasks/batch", `{"tasks":[` + strings.Repeat(`{"function_id":"fn-known"},`, 300) + `{}]}`, 413, apitype.ErrCodeTooLarge},
+		{"malformed JSON", ts.c, "POST", "/v1/tasks", `{"function_id":`, 400, apitype.ErrCodeBadRequest},
+		{"empty body", ts.c, "POST", "/v1/functions", "", 400, apitype.ErrCodeBadRequest},
+		{"unknown field", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-known","argz":[]}`, 400, apitype.ErrCodeBadRequest},
+		{"trailing data", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-known"} {}`, 400, apitype.ErrCodeBadRequest},
+		{"args not a list", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-known","args":{"enc":"json","data":{"a":1}}}`, 400, apitype.ErrCodeBadRequest},
+		{"bad pickle", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-known","args":{"enc":"pickle","data":"!!"}}`, 400, apitype.ErrCodeBadRequest},
+		{"bad wait", ts.c, "GET", "/v1/tasks/t-x?wait=soon", nil, 400, apitype.ErrCodeBadRequest},
+		{"bad state filter", ts.c, "GET", "/v1/tasks?state=done", nil, 400, apitype.ErrCodeBadRequest},
+		{"unknown function", ts.c, "POST", "/v1/tasks", `{"function_id":"fn-nope"}`, 404, apitype.ErrCodeUnknownFunction},
+		{"unknown function in batch", ts.c, "POST", "/v1/tasks/batch", `{"tasks":[{"function_id":"fn-known"},{"function_id":"fn-nope"}]}`, 404, apitype.ErrCodeUnknownFunction},
+		{"get unknown function", ts.c, "GET", "/v1/functions/fn-nope", nil, 404, apitype.ErrCodeUnknownFunction},
+		{"unknown task", ts.c, "GET", "/v1/tasks/t-nope", nil, 404, apitype.ErrCodeUnknownTask},
+		{"cancel unknown task", ts.c, "POST", "/v1/tasks/t-nope/cancel", nil, 404, apitype.ErrCodeUnknownTask},
+		{"unknown image", ts.c, "POST", "/v1/functions", `{"image":"nope","source":"def f():\n    return 1\n"}`, 404, apitype.ErrCodeUnknownImage},
+		{"image outside the directory", ts.c, "POST", "/v1/functions", `{"image":"../../etc/passwd","source":"def f():\n    return 1\n"}`, 404, apitype.ErrCodeUnknownImage},
+		{"absolute image path outside", ts.c, "POST", "/v1/functions", `{"image":"/etc/passwd","source":"def f():\n    return 1\n"}`, 404, apitype.ErrCodeUnknownImage},
+		{"nothing to run", ts.c, "POST", "/v1/functions", `{"image":"numpy"}`, 400, apitype.ErrCodeBadRequest},
+		{"bad kind", ts.c, "POST", "/v1/functions", `{"image":"numpy","kind":"shell","source":"ls"}`, 400, apitype.ErrCodeBadRequest},
+		{"bad timeout", ts.c, "POST", "/v1/functions", `{"image":"numpy","source":"def f():\n    return 1\n","timeout":"soon"}`, 400, apitype.ErrCodeBadRequest},
+		{"unknown route", ts.c, "GET", "/v2/things", nil, 404, apitype.ErrCodeNotFound},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -62,7 +66,7 @@ func TestErrors(t *testing.T) {
 			if code != tt.status {
 				t.Fatalf("%s %s = %d %s, want %d", tt.method, tt.path, code, body, tt.status)
 			}
-			var eb ErrorBody
+			var eb apitype.ErrorBody
 			if err := json.Unmarshal(body, &eb); err != nil {
 				t.Fatalf("error body %q is not JSON: %v", body, err)
 			}
@@ -97,9 +101,9 @@ func TestBackpressure(t *testing.T) {
 	if hdr.Get("Retry-After") == "" {
 		t.Errorf("429 without Retry-After")
 	}
-	var eb ErrorBody
-	if err := json.Unmarshal(body, &eb); err != nil || eb.Code != ErrCodeQueueFull {
-		t.Errorf("429 body = %s, want code %s", body, ErrCodeQueueFull)
+	var eb apitype.ErrorBody
+	if err := json.Unmarshal(body, &eb); err != nil || eb.Code != apitype.ErrCodeQueueFull {
+		t.Errorf("429 body = %s, want code %s", body, apitype.ErrCodeQueueFull)
 	}
 	// One more still fits.
 	ts.c.json("POST", "/v1/tasks", `{"function_id":"fn-a"}`, 202, nil)
@@ -113,35 +117,36 @@ func TestQueueWithoutVMs(t *testing.T) {
 		TaskID string `json:"task_id"`
 	}
 	ts.c.json("POST", "/v1/tasks", `{"function_id":"fn-a","args":{"enc":"json","data":[1]}}`, 202, &sub)
-	var tv TaskView
+	var tv apitype.TaskView
 	ts.c.json("GET", "/v1/tasks/"+sub.TaskID+"?wait=100ms", nil, 200, &tv)
-	if tv.State != StateQueued {
+	if tv.State != apitype.StateQueued {
 		t.Fatalf("state = %q, want queued", tv.State)
 	}
-	var list struct{ Tasks []TaskView }
+	var list struct{ Tasks []apitype.TaskView }
 	ts.c.json("GET", "/v1/tasks?state=queued", nil, 200, &list)
 	if len(list.Tasks) != 1 || list.Tasks[0].ID != sub.TaskID {
 		t.Fatalf("queued tasks = %+v, want just %s", list.Tasks, sub.TaskID)
 	}
 	// A long poll wakes when the task is cancelled.
-	got := make(chan TaskView, 1)
+	got := make(chan apitype.TaskView, 1)
 	start := time.Now()
 	go func() {
 		c := newClient(t, ts.url, ts.Token())
-		var v TaskView
+		var v apitype.TaskView
 		code, body, _ := c.do("GET", "/v1/tasks/"+sub.TaskID+"?wait=120s", nil)
 		if code == 200 {
 			json.Unmarshal(body, &v)
 		}
 		got <- v
 	}()
-	time.Sleep(100 * time.Millisecond) // not needed for correctness: the poll re-reads
+	// Cancel once the poll waits, so that it must be woken.
+	testutil.WaitFor(t, time.Minute, "the long poll to wait", func() bool { return ts.w.waiting(sub.TaskID) > 0 })
 	ts.c.json("POST", "/v1/tasks/"+sub.TaskID+"/cancel", nil, 200, &tv)
-	if tv.State != StateCancelled {
+	if tv.State != apitype.StateCancelled {
 		t.Errorf("after cancel state = %q, want cancelled", tv.State)
 	}
 	v := <-got
-	if v.State != StateCancelled {
+	if v.State != apitype.StateCancelled {
 		t.Errorf("long poll state = %q, want cancelled", v.State)
 	}
 	if d := time.Since(start); d > 100*time.Second {
@@ -152,7 +157,7 @@ func TestQueueWithoutVMs(t *testing.T) {
 	}
 	// Wait on several: returns the finished one.
 	var wr struct {
-		Tasks   []TaskView
+		Tasks   []apitype.TaskView
 		Unknown []string
 	}
 	ts.c.json("POST", "/v1/tasks/wait", map[string]any{"task_ids": []string{sub.TaskID, "t-missing"}, "timeout": "1s"}, 200, &wr)
@@ -224,4 +229,11 @@ func TestCheckListen(t *testing.T) {
 			t.Errorf("CheckListen(%q, %v) = %v, want ok %v", tt.addr, tt.auth, err, tt.ok)
 		}
 	}
+}
+
+// waiting returns the number of long polls waiting for task id.
+func (ws *waiters) waiting(id string) int {
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	return len(ws.m[id])
 }

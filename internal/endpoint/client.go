@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 )
 
 // Environment variables the clients read.
@@ -78,7 +80,7 @@ func NewClient(rawURL, token, stateDir string) (*Client, error) {
 // APIError is an error response of the endpoint.
 type APIError struct {
 	Status int
-	ErrorBody
+	apitype.ErrorBody
 }
 
 func (e *APIError) Error() string {
@@ -117,7 +119,7 @@ func (c *Client) Do(ctx context.Context, method, path string, body, dst any) err
 	if resp.StatusCode/100 != 2 {
 		e := &APIError{Status: resp.StatusCode}
 		if json.Unmarshal(out, &e.ErrorBody) != nil || e.Code == "" {
-			e.ErrorBody = ErrorBody{Error: strings.TrimSpace(string(out)), Code: http.StatusText(resp.StatusCode)}
+			e.ErrorBody = apitype.ErrorBody{Error: strings.TrimSpace(string(out)), Code: http.StatusText(resp.StatusCode)}
 		}
 		if resp.StatusCode == http.StatusUnauthorized {
 			e.ErrorBody.Error += " (pass --token, set " + EnvToken + ", or read it from the endpoint's state directory)"
@@ -134,8 +136,8 @@ func (c *Client) Do(ctx context.Context, method, path string, body, dst any) err
 }
 
 // Register registers a function and returns it.
-func (c *Client) Register(ctx context.Context, req *RegisterRequest) (*FunctionView, error) {
-	var fv FunctionView
+func (c *Client) Register(ctx context.Context, req *apitype.RegisterRequest) (*apitype.FunctionView, error) {
+	var fv apitype.FunctionView
 	if err := c.Do(ctx, "POST", "/v1/functions", req, &fv); err != nil {
 		return nil, err
 	}
@@ -143,7 +145,7 @@ func (c *Client) Register(ctx context.Context, req *RegisterRequest) (*FunctionV
 }
 
 // Submit queues one task and returns its id.
-func (c *Client) Submit(ctx context.Context, req *SubmitRequest) (string, error) {
+func (c *Client) Submit(ctx context.Context, req *apitype.SubmitRequest) (string, error) {
 	var out struct {
 		TaskID string `json:"task_id"`
 	}
@@ -154,12 +156,12 @@ func (c *Client) Submit(ctx context.Context, req *SubmitRequest) (string, error)
 }
 
 // Task returns a task, waiting up to wait for it to finish.
-func (c *Client) Task(ctx context.Context, id string, wait time.Duration) (*TaskView, error) {
+func (c *Client) Task(ctx context.Context, id string, wait time.Duration) (*apitype.TaskView, error) {
 	p := "/v1/tasks/" + url.PathEscape(id)
 	if wait > 0 {
 		p += "?wait=" + url.QueryEscape(wait.String())
 	}
-	var tv TaskView
+	var tv apitype.TaskView
 	if err := c.Do(ctx, "GET", p, nil, &tv); err != nil {
 		return nil, err
 	}
@@ -168,7 +170,7 @@ func (c *Client) Task(ctx context.Context, id string, wait time.Duration) (*Task
 
 // Await waits until the task finished or wait passed (0: forever),
 // long-polling in rounds of at most a minute.
-func (c *Client) Await(ctx context.Context, id string, wait time.Duration) (*TaskView, error) {
+func (c *Client) Await(ctx context.Context, id string, wait time.Duration) (*apitype.TaskView, error) {
 	var deadline time.Time
 	if wait > 0 {
 		deadline = time.Now().Add(wait)
@@ -179,7 +181,7 @@ func (c *Client) Await(ctx context.Context, id string, wait time.Duration) (*Tas
 			round = min(round, time.Until(deadline))
 		}
 		tv, err := c.Task(ctx, id, max(round, 0))
-		if err != nil || finished(tv.State) || (!deadline.IsZero() && time.Now().After(deadline)) {
+		if err != nil || apitype.Finished(tv.State) || (!deadline.IsZero() && time.Now().After(deadline)) {
 			return tv, err
 		}
 	}

@@ -10,7 +10,6 @@
 package endpoint
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -22,12 +21,13 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/kiln-dev/kiln/internal/launch"
+	"github.com/kiln-dev/kiln/internal/guest/task"
+	"github.com/kiln-dev/kiln/internal/vm"
+	"github.com/kiln-dev/kiln/internal/vmm"
 )
 
 // Defaults for Config.
@@ -40,7 +40,7 @@ const (
 	DefaultResultTTL    = 24 * time.Hour
 	DefaultTimeout      = 5 * time.Minute
 	DefaultMaxTimeout   = 24 * time.Hour
-	DefaultMaxResult    = 10 << 20
+	DefaultMaxResult    = task.DefaultMaxResult
 	DefaultMaxResultCap = 256 << 20
 	DefaultMaxWait      = 5 * time.Minute
 	TokenFile           = "token"
@@ -79,8 +79,8 @@ type Config struct {
 	// Paused accepts and stores tasks but dispatches none (maintenance).
 	Paused bool
 
-	Launch launch.Options // VM options; MemoryMiB is set per function
-	Log    *slog.Logger
+	VM  vm.Config // VM options; Image and MemoryMiB are set per pool
+	Log *slog.Logger
 }
 
 func (c *Config) defaults() {
@@ -88,7 +88,7 @@ func (c *Config) defaults() {
 		c.MaxVMs = runtime.NumCPU()
 	}
 	if c.MaxMemoryMiB <= 0 {
-		c.MaxMemoryMiB = hostMemoryMiB() * 3 / 4
+		c.MaxMemoryMiB = vmm.HostMemoryMiB() * 3 / 4
 		if c.MaxMemoryMiB <= 0 {
 			c.MaxMemoryMiB = 4096
 		}
@@ -136,24 +136,6 @@ func (c *Config) defaults() {
 	}
 }
 
-// hostMemoryMiB reads MemTotal from /proc/meminfo (0 when unknown).
-func hostMemoryMiB() int {
-	f, err := os.Open("/proc/meminfo")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fs := strings.Fields(sc.Text())
-		if len(fs) >= 2 && fs[0] == "MemTotal:" {
-			kb, _ := strconv.Atoi(fs[1])
-			return kb / 1024
-		}
-	}
-	return 0
-}
-
 // Server is a running endpoint: store, scheduler and HTTP handlers.
 type Server struct {
 	cfg    Config
@@ -176,8 +158,8 @@ func New(cfg Config) (_ *Server, err error) {
 	if cfg.StateDir == "" {
 		return nil, errors.New("endpoint: no state directory given (set --state or $KILN_STATE)")
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("creating state directory: %w", err)
+	if err := privateStateDir(cfg.StateDir); err != nil {
+		return nil, err
 	}
 	s := &Server{cfg: cfg, images: newImages(cfg.ImagesDir), m: newMetrics(), w: newWaiters(), stop: make(chan struct{}), done: make(chan struct{})}
 	if !cfg.NoAuth {
@@ -208,7 +190,7 @@ func New(cfg Config) (_ *Server, err error) {
 	if _, err := s.store.Expire(ctx, time.Now()); err != nil {
 		return nil, err
 	}
-	s.sched = newScheduler(&s.cfg, s.store, s.m, s.w.notify)
+	s.sched = newScheduler(&s.cfg, s.store, s.images, s.m, s.w.notify)
 	s.m.watch(s.gauges)
 	queued, err := s.store.Queued(ctx)
 	if err != nil {
@@ -232,6 +214,38 @@ func New(cfg Config) (_ *Server, err error) {
 	s.sched.poke()
 	go s.janitor()
 	return s, nil
+}
+
+// privateStateDir creates dir (0700) or makes an existing one private, and
+// its files 0600: the database holds function sources, arguments and
+// results, and the token file the key to all of it. SQLite creates its -wal
+// and -shm files with the database file's mode, so the database file is
+// created (or fixed) before the store opens it.
+func privateStateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating state directory: %w", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("making state directory %s private: %w", dir, err)
+	}
+	db := filepath.Join(dir, DBFile)
+	f, err := os.OpenFile(db, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating task store: %w", err)
+	}
+	f.Close()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("reading state directory: %w", err)
+	}
+	for _, e := range ents {
+		if e.Type().IsRegular() {
+			if err := os.Chmod(filepath.Join(dir, e.Name()), 0o600); err != nil {
+				return fmt.Errorf("making %s private: %w", e.Name(), err)
+			}
+		}
+	}
+	return nil
 }
 
 // Token returns the bearer token clients must send ("" with NoAuth).

@@ -34,7 +34,7 @@ func FuzzDecodeSubmit(f *testing.F) {
 		if req.FunctionID == "" {
 			t.Errorf("DecodeSubmit(%q) accepted a request without function_id", b)
 		}
-		if err := req.check(); err != nil {
+		if err := checkSubmit(req); err != nil {
 			t.Errorf("DecodeSubmit(%q) accepted a request that fails check: %v", b, err)
 		}
 		// A decoded request re-encodes and decodes to the same thing.

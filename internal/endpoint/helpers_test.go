@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kiln-dev/kiln/internal/testutil"
+	"github.com/kiln-dev/kiln/internal/testutil/testimage"
 )
 
 func TestMain(m *testing.M) {
@@ -147,7 +148,7 @@ func startServer(t testing.TB, cfg Config) *testServer {
 // imagesDir makes an images directory holding the numpy test image as "numpy".
 func imagesDir(t testing.TB) string {
 	t.Helper()
-	img := testutil.NumpyImage(t)
+	img := testimage.Numpy(t)
 	d := t.TempDir()
 	if err := os.Symlink(img, filepath.Join(d, "numpy.kimg")); err != nil {
 		t.Fatal(err)

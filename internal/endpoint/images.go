@@ -11,22 +11,13 @@ import (
 	"time"
 
 	"github.com/kiln-dev/kiln/internal/image"
+
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 )
 
 // ErrUnknownImage is returned for an image reference that names no image
 // file in the images directory.
 var ErrUnknownImage = errors.New("unknown image")
-
-// ImageInfo describes an image file the endpoint can run.
-type ImageInfo struct {
-	Name      string   `json:"name"`
-	Path      string   `json:"path"`
-	Digest    string   `json:"digest"`
-	Size      int64    `json:"size"`
-	Python    string   `json:"python,omitempty"`
-	MemoryMiB int      `json:"memory_mib"`
-	Preload   []string `json:"preload,omitempty"`
-}
 
 // images resolves image references (names or paths inside the images
 // directory) to opened images, caching by file identity.
@@ -37,9 +28,11 @@ type images struct {
 }
 
 type imgEntry struct {
-	size  int64
-	mtime time.Time
-	info  ImageInfo
+	size     int64
+	mtime    time.Time
+	info     apitype.ImageInfo
+	img      *image.Image
+	verified bool // img's parts were hashed (image.Verify)
 }
 
 func newImages(dir string) *images { return &images{dir: dir, cache: map[string]imgEntry{}} }
@@ -75,57 +68,87 @@ func (im *images) resolve(ref string) (string, error) {
 }
 
 // info opens the image at path (cached while size and mtime stay the same).
-func (im *images) info(path string) (ImageInfo, error) {
+func (im *images) info(path string) (apitype.ImageInfo, error) {
+	e, err := im.entry(path)
+	return e.info, err
+}
+
+// verified returns the image at path opened and verified, once per file
+// version: every VM of a pool boots the same *image.Image.
+func (im *images) verified(path string) (*image.Image, error) {
+	e, err := im.entry(path)
+	if err != nil {
+		return nil, err
+	}
+	if e.verified {
+		return e.img, nil
+	}
+	if err := e.img.Verify(); err != nil {
+		return nil, err
+	}
+	im.mu.Lock()
+	if c, ok := im.cache[path]; ok && c.img == e.img {
+		c.verified = true
+		im.cache[path] = c
+	}
+	im.mu.Unlock()
+	return e.img, nil
+}
+
+// entry returns the cache entry of path, opening the file when it is new
+// or changed.
+func (im *images) entry(path string) (imgEntry, error) {
 	st, err := os.Stat(path)
 	if err != nil {
-		return ImageInfo{}, fmt.Errorf("%w: %v", ErrUnknownImage, err)
+		return imgEntry{}, fmt.Errorf("%w: %v", ErrUnknownImage, err)
 	}
 	im.mu.Lock()
 	e, ok := im.cache[path]
 	im.mu.Unlock()
 	if ok && e.size == st.Size() && e.mtime.Equal(st.ModTime()) {
-		return e.info, nil
+		return e, nil
 	}
 	img, err := image.Open(path)
 	if err != nil {
-		return ImageInfo{}, fmt.Errorf("opening image %s: %w", path, err)
+		return imgEntry{}, fmt.Errorf("opening image %s: %w", path, err)
 	}
 	name := strings.TrimSuffix(filepath.Base(path), ".kimg")
 	if rel, err := filepath.Rel(im.dir, path); err == nil && filepath.IsLocal(rel) {
 		name = strings.TrimSuffix(rel, ".kimg")
 	}
-	info := ImageInfo{Name: name, Path: path, Digest: img.Digest, Size: img.Size}
+	info := apitype.ImageInfo{Name: name, Path: path, Digest: img.Digest, Size: img.Size}
 	if m := img.Manifest; m != nil {
 		info.MemoryMiB = m.MemoryMiB
 		info.Python = m.Python.Version
 		info.Preload = m.Preload
 	}
+	e = imgEntry{size: st.Size(), mtime: st.ModTime(), info: info, img: img}
 	im.mu.Lock()
-	im.cache[path] = imgEntry{size: st.Size(), mtime: st.ModTime(), info: info}
+	im.cache[path] = e
 	im.mu.Unlock()
-	return info, nil
+	return e, nil
 }
 
 // lookup resolves and opens ref.
-func (im *images) lookup(ref string) (ImageInfo, error) {
+func (im *images) lookup(ref string) (apitype.ImageInfo, error) {
 	p, err := im.resolve(ref)
 	if err != nil {
-		return ImageInfo{}, err
+		return apitype.ImageInfo{}, err
 	}
 	return im.info(p)
 }
 
 // list opens every image file in the directory (not recursively); files
 // that are not kiln images are skipped.
-func (im *images) list() ([]ImageInfo, error) {
+func (im *images) list() ([]apitype.ImageInfo, error) {
 	if im.dir == "" {
-		return []ImageInfo{}, nil
+		return []apitype.ImageInfo{}, nil
 	}
 	ents, err := os.ReadDir(im.dir)
 	if err != nil {
 		return nil, fmt.Errorf("listing images: %w", err)
 	}
-	out := []ImageInfo{}
+	out := []apitype.ImageInfo{}
 	for _, e := range ents {
 		p := filepath.Join(im.dir, e.Name())
 		if st, err := os.Stat(p); err != nil || !st.Mode().IsRegular() {

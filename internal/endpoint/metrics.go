@@ -9,6 +9,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 )
 
 // The metrics live in a prometheus.Registry per Server (never the global
@@ -82,7 +84,7 @@ func newMetrics() *metrics {
 	for _, k := range []string{AcquireWarm, AcquireRestore, AcquireCold} {
 		m.acquire.WithLabelValues(k)
 	}
-	for _, st := range []string{StateSucceeded, StateFailed, StateCancelled} {
+	for _, st := range []string{apitype.StateSucceeded, apitype.StateFailed, apitype.StateCancelled} {
 		m.completed.WithLabelValues(st)
 	}
 	for _, k := range []string{AcquireRestore, AcquireCold} {
@@ -163,7 +165,7 @@ func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge := func(d *prometheus.Desc, v int, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(v), labels...)
 	}
-	for _, st := range States {
+	for _, st := range apitype.States {
 		gauge(descTasks, g.tasks[st], st)
 	}
 	gauge(descQueued, g.queued)

@@ -11,6 +11,8 @@ import (
 
 	"github.com/kiln-dev/kiln/internal/guest/task"
 	"github.com/kiln-dev/kiln/internal/sandbox"
+
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 )
 
 // poolKey identifies a pool: VMs of one image with one memory size.
@@ -23,7 +25,7 @@ type poolKey struct {
 type pool struct {
 	key      poolKey
 	path     string
-	idle     []*vm // most recently used last
+	idle     []*warmVM // most recently used last
 	busy     int
 	starting int
 	queued   int // tasks in the queues whose function uses this pool
@@ -31,8 +33,8 @@ type pool struct {
 
 func (p *pool) total() int { return len(p.idle) + p.busy + p.starting }
 
-// vm is one warm sandbox.
-type vm struct {
+// warmVM is one warm sandbox of a pool.
+type warmVM struct {
 	sb       *sandbox.Sandbox
 	pool     *pool
 	lastUsed time.Time
@@ -62,6 +64,7 @@ type running struct {
 type scheduler struct {
 	cfg    *Config
 	store  *Store
+	images *images
 	m      *metrics
 	log    *slog.Logger
 	notify func(id string)
@@ -83,10 +86,10 @@ type scheduler struct {
 	wg       sync.WaitGroup // task and VM-start goroutines
 }
 
-func newScheduler(cfg *Config, st *Store, m *metrics, notify func(string)) *scheduler {
+func newScheduler(cfg *Config, st *Store, im *images, m *metrics, notify func(string)) *scheduler {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &scheduler{
-		cfg: cfg, store: st, m: m, log: cfg.Log, notify: notify, ctx: ctx, stop: cancel,
+		cfg: cfg, store: st, images: im, m: m, log: cfg.Log, notify: notify, ctx: ctx, stop: cancel,
 		queues: map[string]*fnQueue{}, pools: map[poolKey]*pool{}, running: map[string]*running{},
 		wake: make(chan struct{}, 1), loopDone: make(chan struct{}),
 	}
@@ -283,7 +286,7 @@ func (s *scheduler) dispatch() {
 // evictIdleLocked closes the least recently used idle VM of another pool
 // that has no queued tasks, to make room for pool want.
 func (s *scheduler) evictIdleLocked(want *pool) bool {
-	var victim *vm
+	var victim *warmVM
 	for _, p := range s.pools {
 		if p == want || p.queued > 0 || len(p.idle) == 0 {
 			continue
@@ -302,7 +305,7 @@ func (s *scheduler) evictIdleLocked(want *pool) bool {
 }
 
 // dropLocked forgets v and closes it in the background.
-func (s *scheduler) dropLocked(v *vm) {
+func (s *scheduler) dropLocked(v *warmVM) {
 	s.nVMs--
 	s.memMiB -= v.pool.key.memMiB
 	s.wg.Add(1)
@@ -332,13 +335,13 @@ func (s *scheduler) scaleIn(now time.Time) {
 }
 
 func (s *scheduler) sandboxOptions(p *pool) sandbox.Options {
-	lo := s.cfg.Launch
-	lo.MemoryMiB = p.key.memMiB
-	if lo.Log == nil {
-		lo.Log = s.log
+	vc := s.cfg.VM
+	vc.MemoryMiB = p.key.memMiB
+	if vc.Log == nil {
+		vc.Log = s.log
 	}
 	return sandbox.Options{
-		Launch:    lo,
+		VM:        vc,
 		Timeout:   s.cfg.MaxTimeout + time.Minute, // each task's own timeout is its context's deadline
 		MaxResult: s.cfg.MaxResultCap,
 	}
@@ -347,12 +350,15 @@ func (s *scheduler) sandboxOptions(p *pool) sandbox.Options {
 func (s *scheduler) startVM(p *pool) {
 	defer s.wg.Done()
 	t0 := time.Now()
-	sb, err := sandbox.Start(s.ctx, p.path, s.sandboxOptions(p))
-	dur := time.Since(t0)
-	if err == nil && sb.Image().Digest != p.key.digest {
-		sb.Close()
-		err = fmt.Errorf("%w: %s now has digest %s, not %s; register the function again", errImageChanged, p.path, sb.Image().Digest, p.key.digest)
+	img, err := s.images.verified(p.path)
+	if err == nil && img.Digest != p.key.digest {
+		err = fmt.Errorf("%w: %s now has digest %s, not %s; register the function again", errImageChanged, p.path, img.Digest, p.key.digest)
 	}
+	var sb *sandbox.Sandbox
+	if err == nil {
+		sb, err = sandbox.Start(s.ctx, img, s.sandboxOptions(p))
+	}
+	dur := time.Since(t0)
 	s.mu.Lock()
 	p.starting--
 	if err != nil {
@@ -376,7 +382,7 @@ func (s *scheduler) startVM(p *pool) {
 		kind = AcquireRestore
 	}
 	s.m.boots.WithLabelValues(kind).Inc()
-	v := &vm{sb: sb, pool: p, lastUsed: time.Now(), fresh: true, kind: kind, startDur: dur}
+	v := &warmVM{sb: sb, pool: p, lastUsed: time.Now(), fresh: true, kind: kind, startDur: dur}
 	if s.ctx.Err() != nil {
 		s.dropLocked(v)
 	} else {
@@ -414,11 +420,11 @@ func (s *scheduler) failQueued(f failure) {
 	if err != nil || !ok {
 		return
 	}
-	code := CodeStartFailed
+	code := task.ErrorStart
 	if errors.Is(f.err, errImageChanged) {
-		code = CodeImageChanged
+		code = apitype.CodeImageChanged
 	}
-	s.complete(f.it.id, Completion{State: StateFailed, Error: "starting a VM: " + f.err.Error(), ErrorCode: code})
+	s.complete(f.it.id, Completion{State: apitype.StateFailed, Error: "starting a VM: " + f.err.Error(), ErrorCode: code})
 }
 
 func (s *scheduler) complete(id string, c Completion) {
@@ -436,7 +442,7 @@ func (s *scheduler) complete(id string, c Completion) {
 }
 
 // run executes one task on v and gives v back to its pool (or drops it).
-func (s *scheduler) run(v *vm, fn *Function, it qitem, picked time.Time) {
+func (s *scheduler) run(v *warmVM, fn *Function, it qitem, picked time.Time) {
 	defer s.wg.Done()
 	keep := false
 	defer func() {
@@ -485,7 +491,7 @@ func (s *scheduler) run(v *vm, fn *Function, it qitem, picked time.Time) {
 	rec, err := s.store.Task(s.ctx, it.id)
 	if err != nil {
 		keep = true
-		s.complete(it.id, Completion{State: StateFailed, Error: "reading the task: " + err.Error(), ErrorCode: "internal"})
+		s.complete(it.id, Completion{State: apitype.StateFailed, Error: "reading the task: " + err.Error(), ErrorCode: apitype.CodeInternal})
 		return
 	}
 	tk := buildTask(fn, rec)
@@ -530,27 +536,27 @@ func (s *scheduler) classify(fn *Function, attempt int, res *task.Result, err er
 	}
 	switch {
 	case err == nil && res.OK:
-		return Completion{State: StateSucceeded, Result: resJSON}, true, false
+		return Completion{State: apitype.StateSucceeded, Result: resJSON}, true, false
 	case err == nil:
 		msg := res.ErrorKind
 		if res.Error != nil {
 			msg = res.Error.Type + ": " + res.Error.Message
 		}
-		return Completion{State: StateFailed, Result: resJSON, Error: msg, ErrorCode: res.ErrorKind}, true, false
+		return Completion{State: apitype.StateFailed, Result: resJSON, Error: msg, ErrorCode: res.ErrorKind}, true, false
 	case userCancelled:
-		return Completion{State: StateCancelled, Error: "cancelled while running; its VM was replaced", ErrorCode: StateCancelled}, false, false
+		return Completion{State: apitype.StateCancelled, Error: "cancelled while running; its VM was replaced", ErrorCode: apitype.CodeCancelled}, false, false
 	case sandbox.KindOf(err) == sandbox.KindTimeout || errors.Is(ctx.Err(), context.DeadlineExceeded):
-		return Completion{State: StateFailed, Error: fmt.Sprintf("the task ran past its timeout of %s and was stopped; its VM was replaced (register the function with a larger timeout)", fn.Timeout()), ErrorCode: CodeTimeout}, false, false
+		return Completion{State: apitype.StateFailed, Error: fmt.Sprintf("the task ran past its timeout of %s and was stopped; its VM was replaced (register the function with a larger timeout)", fn.Timeout()), ErrorCode: task.ErrorTimeout}, false, false
 	case sandbox.KindOf(err) == sandbox.KindTooLarge:
-		return Completion{State: StateFailed, Result: resJSON, Error: err.Error() + " (register the function with a larger max_result)", ErrorCode: CodeTooLarge}, true, false
+		return Completion{State: apitype.StateFailed, Result: resJSON, Error: err.Error() + " (register the function with a larger max_result)", ErrorCode: task.ErrorTooLarge}, true, false
 	case sandbox.KindOf(err) == sandbox.KindOOM:
-		return Completion{State: StateFailed, Result: resJSON, Error: err.Error(), ErrorCode: CodeOOM}, res != nil, res == nil && attempt <= fn.MaxRetries
+		return Completion{State: apitype.StateFailed, Result: resJSON, Error: err.Error(), ErrorCode: task.ErrorOOM}, res != nil, res == nil && attempt <= fn.MaxRetries
 	case sandbox.KindOf(err) == sandbox.KindVMDied:
-		return Completion{State: StateFailed, Error: "the VM died while running the task: " + err.Error(), ErrorCode: CodeVMDied}, false, attempt <= fn.MaxRetries
+		return Completion{State: apitype.StateFailed, Error: "the VM died while running the task: " + err.Error(), ErrorCode: task.ErrorVMDied}, false, attempt <= fn.MaxRetries
 	case sandbox.KindOf(err) == sandbox.KindStart:
-		return Completion{State: StateFailed, Error: err.Error(), ErrorCode: CodeStartFailed}, false, attempt <= fn.MaxRetries
+		return Completion{State: apitype.StateFailed, Error: err.Error(), ErrorCode: task.ErrorStart}, false, attempt <= fn.MaxRetries
 	default:
-		return Completion{State: StateFailed, Error: err.Error(), ErrorCode: "internal"}, false, false
+		return Completion{State: apitype.StateFailed, Error: err.Error(), ErrorCode: apitype.CodeInternal}, false, false
 	}
 }
 
@@ -625,7 +631,7 @@ func (s *scheduler) close(grace time.Duration) {
 	<-s.loopDone
 	s.wg.Wait()
 	s.mu.Lock()
-	var all []*vm
+	var all []*warmVM
 	for _, p := range s.pools {
 		all = append(all, p.idle...)
 		p.idle = nil

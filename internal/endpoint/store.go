@@ -11,29 +11,8 @@ import (
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
-)
 
-// Task states.
-const (
-	StateQueued    = "queued"
-	StateRunning   = "running"
-	StateSucceeded = "succeeded"
-	StateFailed    = "failed"
-	StateCancelled = "cancelled"
-)
-
-// States lists every task state, in lifecycle order.
-var States = []string{StateQueued, StateRunning, StateSucceeded, StateFailed, StateCancelled}
-
-// Error codes of failed tasks that have no agent result (or in addition to it).
-const (
-	CodeTimeout           = "timeout"
-	CodeVMDied            = "vm_died"
-	CodeOOM               = "out_of_memory"
-	CodeTooLarge          = "too_large"
-	CodeStartFailed       = "vm_start_failed"
-	CodeEndpointRestarted = "endpoint_restarted"
-	CodeImageChanged      = "image_changed"
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 )
 
 // RestartReason is the error of a task that was running when the endpoint died.
@@ -342,7 +321,7 @@ func (s *Store) Counts(ctx context.Context) (map[string]int, error) {
 	}
 	defer rows.Close()
 	out := map[string]int{}
-	for _, st := range States {
+	for _, st := range apitype.States {
 		out[st] = 0
 	}
 	for rows.Next() {
@@ -458,7 +437,7 @@ func (s *Store) Recover(ctx context.Context, now time.Time, ttl time.Duration) (
 			requeued++
 			continue
 		}
-		if _, err := s.Complete(ctx, x.id, Completion{State: StateFailed, Error: RestartReason, ErrorCode: CodeEndpointRestarted}, now, ttl); err != nil {
+		if _, err := s.Complete(ctx, x.id, Completion{State: apitype.StateFailed, Error: RestartReason, ErrorCode: apitype.CodeEndpointRestarted}, now, ttl); err != nil {
 			return requeued, failed, err
 		}
 		failed++

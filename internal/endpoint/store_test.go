@@ -2,9 +2,12 @@ package endpoint
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
 )
 
 func openStore(t *testing.T, path string) *Store {
@@ -28,7 +31,7 @@ func TestStoreExactlyOnce(t *testing.T) {
 	if _, err := st.InsertTasks(ctx, now, []NewTask{{ID: "t1", FunctionID: "fn-1"}}); err != nil {
 		t.Fatal(err)
 	}
-	if ok, err := st.Complete(ctx, "t1", Completion{State: StateSucceeded}, now, time.Hour); ok || err != nil {
+	if ok, err := st.Complete(ctx, "t1", Completion{State: apitype.StateSucceeded}, now, time.Hour); ok || err != nil {
 		t.Fatalf("Complete(queued task) = %v, %v; want false (only running tasks complete)", ok, err)
 	}
 	if ok, err := st.MarkRunning(ctx, "t1", now); !ok || err != nil {
@@ -37,17 +40,17 @@ func TestStoreExactlyOnce(t *testing.T) {
 	if ok, err := st.MarkRunning(ctx, "t1", now); ok || err != nil {
 		t.Fatalf("second MarkRunning() = %v, %v; want false", ok, err)
 	}
-	if ok, err := st.Complete(ctx, "t1", Completion{State: StateSucceeded, Result: []byte(`{"ok":true}`)}, now, time.Hour); !ok || err != nil {
+	if ok, err := st.Complete(ctx, "t1", Completion{State: apitype.StateSucceeded, Result: []byte(`{"ok":true}`)}, now, time.Hour); !ok || err != nil {
 		t.Fatalf("Complete() = %v, %v; want true", ok, err)
 	}
-	if ok, err := st.Complete(ctx, "t1", Completion{State: StateFailed, Error: "late"}, now, time.Hour); ok || err != nil {
+	if ok, err := st.Complete(ctx, "t1", Completion{State: apitype.StateFailed, Error: "late"}, now, time.Hour); ok || err != nil {
 		t.Fatalf("second Complete() = %v, %v; want false", ok, err)
 	}
 	rec, err := st.Task(ctx, "t1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rec.State != StateSucceeded || rec.Completions != 1 || rec.Attempts != 1 || string(rec.Result) != `{"ok":true}` {
+	if rec.State != apitype.StateSucceeded || rec.Completions != 1 || rec.Attempts != 1 || string(rec.Result) != `{"ok":true}` {
 		t.Errorf("task = %+v, want succeeded once with the first result", rec)
 	}
 	// Expiry.
@@ -90,7 +93,7 @@ func TestStoreRecover(t *testing.T) {
 	if req != 1 || failed != 1 || err != nil {
 		t.Fatalf("Recover() = %d, %d, %v; want 1 requeued, 1 failed", req, failed, err)
 	}
-	want := map[string]string{"a": StateFailed, "b": StateQueued, "c": StateQueued}
+	want := map[string]string{"a": apitype.StateFailed, "b": apitype.StateQueued, "c": apitype.StateQueued}
 	for id, state := range want {
 		rec, err := st.Task(ctx, id)
 		if err != nil {
@@ -99,7 +102,7 @@ func TestStoreRecover(t *testing.T) {
 		if rec.State != state {
 			t.Errorf("task %s state = %q, want %q", id, rec.State, state)
 		}
-		if id == "a" && (rec.Error != RestartReason || rec.ErrorCode != CodeEndpointRestarted) {
+		if id == "a" && (rec.Error != RestartReason || rec.ErrorCode != apitype.CodeEndpointRestarted) {
 			t.Errorf("task a error = %q (%s), want %q", rec.Error, rec.ErrorCode, RestartReason)
 		}
 	}
@@ -122,5 +125,48 @@ func TestStoreWAL(t *testing.T) {
 	var mode string
 	if err := st.db.QueryRow("PRAGMA journal_mode").Scan(&mode); err != nil || mode != "wal" {
 		t.Errorf("journal_mode = %q, %v; want wal", mode, err)
+	}
+}
+
+// TestStateDirPrivate: the state directory is 0700 and every file in it
+// (database, WAL, shared memory, token) 0600, also when it existed with
+// looser modes.
+func TestStateDirPrivate(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, DBFile), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ts := startServer(t, Config{StateDir: dir, Paused: true})
+	putFunction(t, ts.Server, "fn-a", 0)
+	ts.c.json("POST", "/v1/tasks", `{"function_id":"fn-a","args":{"enc":"json","data":[1]}}`, 202, nil)
+	fi, err := os.Stat(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fi.Mode().Perm(); got != 0o700 {
+		t.Errorf("state directory mode = %o, want 700", got)
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, e := range ents {
+		names[e.Name()] = true
+		info, err := e.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := info.Mode().Perm(); got != 0o600 {
+			t.Errorf("%s mode = %o, want 600", e.Name(), got)
+		}
+	}
+	for _, want := range []string{DBFile, DBFile + "-wal", DBFile + "-shm", TokenFile} {
+		if !names[want] {
+			t.Errorf("state directory lacks %s (has %v)", want, names)
+		}
 	}
 }

@@ -20,13 +20,16 @@ import (
 	"time"
 
 	"github.com/kiln-dev/kiln/internal/testutil"
+
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
+	"github.com/kiln-dev/kiln/internal/guest/task"
 )
 
 const squareSrc = "def square(x):\n    import numpy as np\n    return int(np.square(np.int64(x)))\n"
 
 func register(t testing.TB, c *client, body map[string]any) string {
 	t.Helper()
-	var fv FunctionView
+	var fv apitype.FunctionView
 	c.json("POST", "/v1/functions", body, 201, &fv)
 	return fv.ID
 }
@@ -44,18 +47,18 @@ func submitOne(t testing.TB, c *client, fnID string, args ...any) string {
 }
 
 // await long-polls until the task finished.
-func await(t testing.TB, c *client, id string) TaskView {
+func await(t testing.TB, c *client, id string) apitype.TaskView {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Minute)
 	for time.Now().Before(deadline) {
-		var tv TaskView
+		var tv apitype.TaskView
 		c.json("GET", "/v1/tasks/"+id+"?wait=60s", nil, 200, &tv)
-		if finished(tv.State) {
+		if apitype.Finished(tv.State) {
 			return tv
 		}
 	}
 	t.Fatalf("task %s did not finish in 10 minutes", id)
-	return TaskView{}
+	return apitype.TaskView{}
 }
 
 type agentResult struct {
@@ -67,7 +70,7 @@ type agentResult struct {
 	Error *struct{ Type, Message, Traceback string } `json:"error"`
 }
 
-func resultOf(t testing.TB, tv TaskView) agentResult {
+func resultOf(t testing.TB, tv apitype.TaskView) agentResult {
 	t.Helper()
 	var r agentResult
 	if len(tv.Result) == 0 {
@@ -88,7 +91,7 @@ func TestVM(t *testing.T) {
 	t.Run("result", func(t *testing.T) {
 		c.t = t
 		tv := await(t, c, submitOne(t, c, square, 7))
-		if tv.State != StateSucceeded || tv.Attempts != 1 {
+		if tv.State != apitype.StateSucceeded || tv.Attempts != 1 {
 			t.Fatalf("task = %+v, want succeeded on the first attempt", tv)
 		}
 		if r := resultOf(t, tv); string(r.Value.Data) != "49" {
@@ -98,12 +101,12 @@ func TestVM(t *testing.T) {
 
 	t.Run("images and functions", func(t *testing.T) {
 		c.t = t
-		var imgs struct{ Images []ImageInfo }
+		var imgs struct{ Images []apitype.ImageInfo }
 		c.json("GET", "/v1/images", nil, 200, &imgs)
 		if len(imgs.Images) != 1 || imgs.Images[0].Name != "numpy" || len(imgs.Images[0].Digest) != 64 {
 			t.Errorf("images = %+v, want numpy with its digest", imgs.Images)
 		}
-		var fns struct{ Functions []FunctionView }
+		var fns struct{ Functions []apitype.FunctionView }
 		c.json("GET", "/v1/functions", nil, 200, &fns)
 		if len(fns.Functions) != 1 || fns.Functions[0].ID != square || fns.Functions[0].ImageDigest != imgs.Images[0].Digest {
 			t.Errorf("functions = %+v, want square on the numpy digest", fns.Functions)
@@ -119,7 +122,7 @@ func TestVM(t *testing.T) {
 		fn := register(t, c, map[string]any{"image": "numpy", "source": "def inv():\n    import numpy as np\n    return np.linalg.inv(np.zeros((2, 2)))\n"})
 		tv := await(t, c, submitOne(t, c, fn))
 		r := resultOf(t, tv)
-		if tv.State != StateFailed || tv.ErrorCode != "exception" || r.Error == nil {
+		if tv.State != apitype.StateFailed || tv.ErrorCode != "exception" || r.Error == nil {
 			t.Fatalf("task = %+v, want failed with an exception", tv)
 		}
 		if !strings.Contains(r.Error.Type, "LinAlgError") || !strings.Contains(r.Error.Traceback, "np.linalg.inv") {
@@ -140,12 +143,12 @@ func TestVM(t *testing.T) {
 		c.t = t
 		crash := register(t, c, map[string]any{"image": "numpy", "source": "def crash():\n    import os\n    os._exit(3)\n"})
 		tv := await(t, c, submitOne(t, c, crash))
-		if tv.State != StateFailed || tv.ErrorCode != CodeVMDied || !strings.Contains(tv.Error, "VM died") {
-			t.Fatalf("task = %+v, want failed with %s", tv, CodeVMDied)
+		if tv.State != apitype.StateFailed || tv.ErrorCode != task.ErrorVMDied || !strings.Contains(tv.Error, "VM died") {
+			t.Fatalf("task = %+v, want failed with %s", tv, task.ErrorVMDied)
 		}
 		// The pool recovers: the next task gets a new VM.
 		tv = await(t, c, submitOne(t, c, square, 9))
-		if r := resultOf(t, tv); tv.State != StateSucceeded || string(r.Value.Data) != "81" {
+		if r := resultOf(t, tv); tv.State != apitype.StateSucceeded || string(r.Value.Data) != "81" {
 			t.Fatalf("after the crash: task = %+v, want square(9) = 81", tv)
 		}
 	})
@@ -154,11 +157,11 @@ func TestVM(t *testing.T) {
 		c.t = t
 		slow := register(t, c, map[string]any{"image": "numpy", "source": "def slow():\n    import time\n    time.sleep(3600)\n", "timeout": "3s"})
 		tv := await(t, c, submitOne(t, c, slow))
-		if tv.State != StateFailed || tv.ErrorCode != CodeTimeout || !strings.Contains(tv.Error, "timeout of 3s") {
-			t.Fatalf("task = %+v, want failed with %s", tv, CodeTimeout)
+		if tv.State != apitype.StateFailed || tv.ErrorCode != task.ErrorTimeout || !strings.Contains(tv.Error, "timeout of 3s") {
+			t.Fatalf("task = %+v, want failed with %s", tv, task.ErrorTimeout)
 		}
 		tv = await(t, c, submitOne(t, c, square, 3))
-		if tv.State != StateSucceeded {
+		if tv.State != apitype.StateSucceeded {
 			t.Fatalf("after the timeout: task = %+v, want succeeded", tv)
 		}
 	})
@@ -248,7 +251,7 @@ func runLoad(tb testing.TB, ts *testServer, fnID string, clients, per int, close
 							pending = append(pending, id)
 						}
 						var wr struct {
-							Tasks   []TaskView
+							Tasks   []apitype.TaskView
 							Unknown []string
 						}
 						if err := post(ts.url, ts.Token(), "/v1/tasks/wait", map[string]any{"task_ids": pending, "timeout": "60s"}, &wr); err != nil {
@@ -265,7 +268,7 @@ func runLoad(tb testing.TB, ts *testServer, fnID string, clients, per int, close
 							delete(want, tv.ID)
 							var r agentResult
 							json.Unmarshal(tv.Result, &r)
-							if tv.State != StateSucceeded || string(r.Value.Data) != strconv.Itoa(n*n) {
+							if tv.State != apitype.StateSucceeded || string(r.Value.Data) != strconv.Itoa(n*n) {
 								return fmt.Errorf("task %s: square(%d) = %s %s (%s), want %d", tv.ID, n, tv.State, r.Value.Data, tv.Error, n*n)
 							}
 							mu.Lock()
@@ -316,7 +319,7 @@ func runLoad(tb testing.TB, ts *testServer, fnID string, clients, per int, close
 		if err != nil {
 			tb.Fatal(err)
 		}
-		if rec.Attempts != 1 || rec.Completions != 1 || rec.State != StateSucceeded {
+		if rec.Attempts != 1 || rec.Completions != 1 || rec.State != apitype.StateSucceeded {
 			tb.Errorf("task %s: state %s, attempts %d, completions %d; want succeeded once", id, rec.State, rec.Attempts, rec.Completions)
 		}
 	}
@@ -398,12 +401,12 @@ func TestRestart(t *testing.T) {
 	square := register(t, c, map[string]any{"image": "numpy", "source": squareSrc, "timeout": "5m"})
 	sleepID := submitOne(t, c, sleeper)
 	for deadline := time.Now().Add(10 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
-		var tv TaskView
+		var tv apitype.TaskView
 		c.json("GET", "/v1/tasks/"+sleepID, nil, 200, &tv)
-		if tv.State == StateRunning {
+		if tv.State == apitype.StateRunning {
 			break
 		}
-		if tv.State != StateQueued || time.Now().After(deadline) {
+		if tv.State != apitype.StateQueued || time.Now().After(deadline) {
 			t.Fatalf("sleeper task = %+v, want it running", tv)
 		}
 	}
@@ -416,7 +419,7 @@ func TestRestart(t *testing.T) {
 		TaskIDs []string `json:"task_ids"`
 	}
 	c.json("POST", "/v1/tasks/batch", map[string]any{"function_id": square, "tasks": tasks}, 202, &batch)
-	var q struct{ Tasks []TaskView }
+	var q struct{ Tasks []apitype.TaskView }
 	c.json("GET", "/v1/tasks?state=queued&limit=1000", nil, 200, &q)
 	if len(q.Tasks) != n {
 		t.Fatalf("%d tasks queued before the kill, want %d", len(q.Tasks), n)
@@ -429,13 +432,13 @@ func TestRestart(t *testing.T) {
 
 	ts := startServer(t, Config{StateDir: state, ImagesDir: images, MaxVMs: 1})
 	tv := await(t, ts.c, sleepID)
-	if tv.State != StateFailed || tv.Error != RestartReason {
+	if tv.State != apitype.StateFailed || tv.Error != RestartReason {
 		t.Errorf("sleeper after restart = %s %q, want failed with %q", tv.State, tv.Error, RestartReason)
 	}
 	for i, id := range batch.TaskIDs {
 		tv := await(t, ts.c, id)
 		r := resultOf(t, tv)
-		if tv.State != StateSucceeded || string(r.Value.Data) != strconv.Itoa(i*i) {
+		if tv.State != apitype.StateSucceeded || string(r.Value.Data) != strconv.Itoa(i*i) {
 			t.Fatalf("task %d after restart = %s %s (%s), want %d", i, tv.State, r.Value.Data, tv.Error, i*i)
 		}
 		rec, err := ts.Store().Task(context.Background(), id)
@@ -473,10 +476,9 @@ func BenchmarkLoad(b *testing.B) {
 	for _, id := range ids {
 		await(b, ts.c, id)
 	}
-	b.ResetTimer()
 	var all []time.Duration
 	t0 := time.Now()
-	for i := 0; i < b.N; i++ {
+	for b.Loop() {
 		all = append(all, runLoad(b, ts, square, clients, per, os.Getenv("KILN_BENCH_CLOSED") != "")...)
 	}
 	el := time.Since(t0)

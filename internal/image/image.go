@@ -15,6 +15,8 @@ import (
 	"sort"
 
 	"github.com/kiln-dev/kiln/internal/spec"
+
+	"github.com/google/renameio/v2"
 )
 
 // FormatVersion is the image format version written by Create and accepted by Open.
@@ -184,16 +186,11 @@ func Create(path string, m *Manifest, parts []PartSource) (digest string, err er
 		}
 	}
 
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	tmp, err := renameio.NewPendingFile(path, renameio.WithTempDir(filepath.Dir(path)), renameio.WithStaticPermissions(0o644))
 	if err != nil {
 		return "", fmt.Errorf("creating image: %w", err)
 	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
+	defer tmp.Cleanup()
 
 	idx := index{}
 	off := int64(Align)
@@ -245,16 +242,7 @@ func Create(path string, m *Manifest, parts []PartSource) (digest string, err er
 	if _, err := tmp.WriteAt(hdr, 0); err != nil {
 		return "", fmt.Errorf("writing image header: %w", err)
 	}
-	if err := tmp.Chmod(0o644); err != nil {
-		return "", fmt.Errorf("creating image: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return "", fmt.Errorf("syncing image: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return "", fmt.Errorf("closing image: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
+	if err := tmp.CloseAtomicallyReplace(); err != nil {
 		return "", fmt.Errorf("creating image: %w", err)
 	}
 	sum := sha256.Sum256(ij)

@@ -12,6 +12,8 @@ import (
 	"syscall"
 
 	"github.com/kiln-dev/kiln/internal/cache"
+
+	"github.com/google/renameio/v2"
 )
 
 // verifyHook, when set (by tests), is called for every part Verify hashes.
@@ -81,15 +83,7 @@ func sameFile(a, b fs.FileInfo) bool {
 }
 
 func writeStamp(path, content string) {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".stamp-*")
-	if err != nil {
-		return
-	}
-	_, werr := tmp.WriteString(content + "\n")
-	cerr := tmp.Close()
-	if werr != nil || cerr != nil || os.Chmod(tmp.Name(), 0o644) != nil || os.Rename(tmp.Name(), path) != nil {
-		os.Remove(tmp.Name())
-	}
+	_ = renameio.WriteFile(path, []byte(content+"\n"), 0o644, renameio.WithTempDir(filepath.Dir(path)), renameio.WithStaticPermissions(0o644))
 }
 
 // Extract copies a part's bytes to dst atomically (temporary file + rename),
@@ -104,16 +98,11 @@ func (img *Image) Extract(name, dst string) (err error) {
 		return fmt.Errorf("extracting %s: %w", name, err)
 	}
 	defer f.Close()
-	tmp, err := os.CreateTemp(filepath.Dir(dst), "."+filepath.Base(dst)+".tmp-*")
+	tmp, err := renameio.NewPendingFile(dst, renameio.WithTempDir(filepath.Dir(dst)), renameio.WithStaticPermissions(0o644))
 	if err != nil {
 		return fmt.Errorf("extracting %s: %w", name, err)
 	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
+	defer tmp.Cleanup()
 	h := sha256.New()
 	n, err := io.Copy(io.MultiWriter(tmp, h), io.NewSectionReader(f, p.Offset, p.Size))
 	if err != nil {
@@ -125,13 +114,7 @@ func (img *Image) Extract(name, dst string) (err error) {
 	if got := hex.EncodeToString(h.Sum(nil)); got != p.SHA256 {
 		return corrupt(img.Path, "part %s sha256 mismatch (file damaged), rebuild it with kiln build", name)
 	}
-	if err := tmp.Chmod(0o644); err != nil {
-		return fmt.Errorf("extracting %s: %w", name, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("extracting %s: %w", name, err)
-	}
-	if err := os.Rename(tmp.Name(), dst); err != nil {
+	if err := tmp.CloseAtomicallyReplace(); err != nil {
 		return fmt.Errorf("extracting %s: %w", name, err)
 	}
 	return nil
@@ -164,4 +147,17 @@ func (img *Image) BootFiles() (kernel, initramfs string, err error) {
 		}
 	}
 	return paths[0], paths[1], nil
+}
+
+// OpenVerified opens the image at path and verifies every part's digest:
+// what a caller does once before booting it.
+func OpenVerified(path string) (*Image, error) {
+	img, err := Open(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := img.Verify(); err != nil {
+		return nil, err
+	}
+	return img, nil
 }

@@ -3,20 +3,22 @@ package sandbox
 import (
 	"errors"
 	"fmt"
+
+	"github.com/kiln-dev/kiln/internal/guest/task"
 )
 
 // Kind classifies a sandbox failure so callers can react to it with
 // errors.Is(err, sandbox.ErrTimeout) and friends.
 type Kind string
 
-// Failure kinds.
+// Failure kinds: the task failure kinds of package task, and closed.
 const (
-	KindTimeout  Kind = "timeout"       // the task ran past its timeout; the VM was replaced
-	KindTooLarge Kind = "too_large"     // the result or output exceeded its cap
-	KindOOM      Kind = "out_of_memory" // the guest ran out of memory
-	KindVMDied   Kind = "vm_died"       // the guest crashed, powered off or stopped answering
-	KindClosed   Kind = "closed"        // the sandbox was closed
-	KindStart    Kind = "start"         // the VM could not be started
+	KindTimeout  Kind = task.ErrorTimeout  // the task ran past its timeout; the VM was replaced
+	KindTooLarge Kind = task.ErrorTooLarge // the result or output exceeded its cap
+	KindOOM      Kind = task.ErrorOOM      // the guest ran out of memory
+	KindVMDied   Kind = task.ErrorVMDied   // the guest crashed, powered off or stopped answering
+	KindStart    Kind = task.ErrorStart    // the VM could not be started
+	KindClosed   Kind = "closed"           // the sandbox was closed (a host-side state, never on a wire)
 )
 
 // Sentinels for errors.Is.

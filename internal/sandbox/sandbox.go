@@ -1,5 +1,10 @@
 // Package sandbox runs Python functions in warm kiln VMs: Start boots (or restores) a VM, Invoke sends it tasks, Close stops it.
 //
+// Sandbox keeps the agent's side of a VM: whether to restore a snapshot or
+// create one first, the Ready and Reseed exchanges, task dispatch, limits
+// and failure kinds, and replacing a VM that died. The VM's own life (boot,
+// restore, snapshot saving, timings, why it died) belongs to package vm.
+//
 // Lifecycle and concurrency rules:
 //   - Start returns a Sandbox whose VM is booted and whose agent is ready.
 //   - Invoke may be called from several goroutines, but calls are served one
@@ -13,13 +18,16 @@
 package sandbox
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -28,22 +36,23 @@ import (
 	"github.com/kiln-dev/kiln/internal/guest/proto"
 	"github.com/kiln-dev/kiln/internal/guest/task"
 	"github.com/kiln-dev/kiln/internal/image"
-	"github.com/kiln-dev/kiln/internal/launch"
 	"github.com/kiln-dev/kiln/internal/snapshot"
+	"github.com/kiln-dev/kiln/internal/vm"
 	"github.com/kiln-dev/kiln/internal/vmm"
 )
 
 // Defaults for Options.
 const (
 	DefaultTimeout     = 5 * time.Minute
-	DefaultMaxResult   = 10 << 20
-	DefaultMaxOutput   = 1 << 20
+	DefaultMaxResult   = task.DefaultMaxResult
+	DefaultMaxOutput   = task.DefaultMaxOutput
 	DefaultBootTimeout = 3 * time.Minute
 )
 
 // Options configure a Sandbox. The zero value is usable.
 type Options struct {
-	Launch      launch.Options
+	// VM sizes and places the sandbox's VMs; its Image is set by Start.
+	VM          vm.Config
 	Timeout     time.Duration   // per-task wall-clock limit; 0: DefaultTimeout
 	MaxResult   int             // cap on a result's serialized value in bytes; 0: DefaultMaxResult
 	MaxOutput   int             // cap on captured stdout and on stderr; 0: DefaultMaxOutput
@@ -54,6 +63,11 @@ type Options struct {
 	// RestoreFrom, when set, is a directory written by Checkpoint: every VM
 	// of the sandbox is restored from it (no snapshot store involved).
 	RestoreFrom string
+	// SnapshotCreating, when set, is called when this sandbox has to
+	// create its image's snapshot before it can restore from it (the first
+	// use of an image: seconds to minutes), with the modules the snapshot
+	// will have imported; the func it returns is called when that is done.
+	SnapshotCreating func(preload []string) (done func(err error))
 }
 
 func (o *Options) defaults() {
@@ -69,12 +83,40 @@ func (o *Options) defaults() {
 	if o.BootTimeout <= 0 {
 		o.BootTimeout = DefaultBootTimeout
 	}
-	if o.Launch.Log == nil {
-		o.Launch.Log = slog.New(slog.DiscardHandler)
+	if o.VM.Log == nil {
+		o.VM.Log = slog.New(slog.DiscardHandler)
 	}
-	if o.Launch.Accel == "" {
-		o.Launch.Accel, _ = vmm.DetectAccel()
+	if o.VM.Accel == "" {
+		o.VM.Accel, _ = vmm.DetectAccel()
 	}
+}
+
+// Timings are a sandbox's phases for its current VM: the VM's own (since
+// the VM's start), and what the sandbox did around it (since Began).
+type Timings struct {
+	vm.Timings
+	Began           time.Time     // the sandbox began getting this VM
+	SnapshotCreated time.Duration // a snapshot had to be created first, and was
+	Reseeded        time.Duration // restore: the clone has fresh entropy and the host's clock
+	FirstResult     time.Duration // the first result arrived
+}
+
+// Phases lists the reached phases in time order, all since Began.
+func (t Timings) Phases() []vm.Phase {
+	off := time.Duration(0)
+	if !t.Began.IsZero() && !t.Timings.Start.IsZero() {
+		off = t.Timings.Start.Sub(t.Began)
+	}
+	var all []vm.Phase
+	if t.SnapshotCreated > 0 {
+		all = append(all, vm.Phase{Name: "snapshot_created", Since: t.SnapshotCreated})
+	}
+	for _, p := range t.Timings.Phases() {
+		all = append(all, vm.Phase{Name: p.Name, Since: p.Since + off})
+	}
+	all = append(all, vm.Reached(vm.Phase{Name: "reseeded", Since: t.Reseeded}, vm.Phase{Name: "first_result", Since: t.FirstResult})...)
+	slices.SortStableFunc(all, func(a, b vm.Phase) int { return cmp.Compare(a.Since, b.Since) })
+	return all
 }
 
 // Sandbox is a warm VM serving tasks; see the package comment for its rules.
@@ -88,6 +130,10 @@ type Sandbox struct {
 	vmRef  atomic.Pointer[guestVM] // mirrors vm for Close without mu
 	closed atomic.Bool
 	seq    atomic.Uint64
+	sent   atomic.Int64 // tasks written to the agent and not answered
+
+	began   time.Time     // ensureVM began getting the current VM (guarded by mu)
+	created time.Duration // ... and a snapshot had to be created first, done then
 
 	// Boots counts VMs started by this sandbox (cold boots and restores,
 	// replacements included); Restores counts the restores among them, and
@@ -98,15 +144,15 @@ type Sandbox struct {
 	SnapshotsCreated atomic.Int64
 }
 
-// Start opens and verifies the image at path and boots a VM whose agent is
-// ready to take tasks.
-func Start(ctx context.Context, path string, opts Options) (*Sandbox, error) {
+// Start boots a VM of img (opened and verified by the caller, see
+// image.OpenVerified) whose agent is ready to take tasks.
+func Start(ctx context.Context, img *image.Image, opts Options) (*Sandbox, error) {
 	opts.defaults()
-	img, err := launch.Open(path)
-	if err != nil {
-		return nil, &Error{Kind: KindStart, Msg: "opening image", Err: err}
+	opts.VM.Image = img
+	if err := opts.VM.Validate(); err != nil {
+		return nil, &Error{Kind: KindStart, Msg: "starting a sandbox", Err: err}
 	}
-	s := &Sandbox{img: img, opts: opts, log: opts.Launch.Log}
+	s := &Sandbox{img: img, opts: opts, log: opts.VM.Log}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.ensureVM(ctx); err != nil {
@@ -117,23 +163,29 @@ func Start(ctx context.Context, path string, opts Options) (*Sandbox, error) {
 
 // VMPid returns the process ID of the current VMM, or 0 when no VM runs.
 func (s *Sandbox) VMPid() int {
-	if vm := s.vmRef.Load(); vm != nil {
-		return vm.Machine.Pid()
+	if g := s.vmRef.Load(); g != nil {
+		return g.vm.Pid()
 	}
 	return 0
 }
 
+// InFlight returns the number of tasks sent to the agent and not answered
+// yet (0 or 1: a sandbox runs one task at a time).
+func (s *Sandbox) InFlight() int { return int(s.sent.Load()) }
+
 // Image returns the sandbox's image.
 func (s *Sandbox) Image() *image.Image { return s.img }
 
-// Timings returns the boot timings of the current VM, if any.
-func (s *Sandbox) Timings() launch.Timings {
+// Timings returns the timings of the current VM, if any.
+func (s *Sandbox) Timings() Timings {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.vm == nil {
-		return launch.Timings{}
+		return Timings{}
 	}
-	return s.vm.Timings
+	t := s.vm.timings
+	t.Timings = s.vm.vm.Timings()
+	return t
 }
 
 func (s *Sandbox) preload() []string {
@@ -152,39 +204,54 @@ func (s *Sandbox) ensureVM(ctx context.Context) error {
 		return nil
 	}
 	if s.vm != nil {
-		s.vm.Close()
+		s.vm.close()
 		s.setVM(nil)
 	}
 	bctx, cancel := context.WithTimeout(ctx, s.opts.BootTimeout)
 	defer cancel()
-	var vm *guestVM
+	s.began = time.Now()
+	s.created = 0
+	var g *guestVM
 	var err error
 	if dir := s.opts.RestoreFrom; dir != "" {
-		vm, err = restore(bctx, s, filepath.Join(dir, CheckpointRAM), filepath.Join(dir, CheckpointState))
+		g, err = s.restore(bctx, filepath.Join(dir, CheckpointRAM), filepath.Join(dir, CheckpointState))
 		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
 			return &Error{Kind: KindStart, Msg: "restoring checkpoint " + dir, Err: err}
 		}
 		s.Restores.Add(1)
-	} else if e := s.snapshotEntry(bctx); e != nil {
-		vm, err = restore(bctx, s, e.RAM, e.State)
+	} else if e, serr := s.snapshotEntry(bctx); serr != nil {
+		return &Error{Kind: KindStart, Msg: "creating the image's snapshot", Err: serr}
+	} else if e != nil {
+		release, uerr := s.opts.Store.Use(e)
+		if uerr != nil {
+			s.log.Warn("marking the snapshot in use", "snapshot", e.ID, "error", uerr)
+			release = func() {}
+		}
+		g, err = s.restore(bctx, e.RAM, e.State)
 		switch {
 		case err == nil:
+			g.release = release
 			s.Restores.Add(1)
 		case bctx.Err() != nil:
+			release()
 			// Cancelled or out of time: the snapshot is not to blame.
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			return &Error{Kind: KindStart, Msg: "restoring snapshot " + e.ID, Err: err}
 		default:
+			release()
 			s.log.Warn("restoring the snapshot failed; removing it and cold-booting", "snapshot", e.ID, "error", err)
 			if rerr := s.opts.Store.Remove(e.ID); rerr != nil {
 				s.log.Warn("removing the snapshot", "snapshot", e.ID, "error", rerr)
 			}
 		}
 	}
-	if vm == nil {
-		vm, err = bootAgent(bctx, s.img, s.preload(), s.opts, s.log)
+	if g == nil {
+		g, err = s.bootAgent(bctx)
 	}
 	if err != nil {
 		if ctx.Err() != nil {
@@ -194,16 +261,17 @@ func (s *Sandbox) ensureVM(ctx context.Context) error {
 	}
 	s.Boots.Add(1)
 	if s.closed.Load() {
-		vm.Close()
+		g.close()
 		return ErrClosed
 	}
-	s.setVM(vm)
+	g.timings.Began, g.timings.SnapshotCreated = s.began, s.created
+	s.setVM(g)
 	return nil
 }
 
-func (s *Sandbox) setVM(vm *guestVM) {
-	s.vm = vm
-	s.vmRef.Store(vm)
+func (s *Sandbox) setVM(g *guestVM) {
+	s.vm = g
+	s.vmRef.Store(g)
 }
 
 // Invoke runs one task in the warm VM and returns its result. A function
@@ -211,6 +279,19 @@ func (s *Sandbox) setVM(vm *guestVM) {
 // the sandbox itself are *Error values (ErrTimeout, ErrTooLarge, ErrOOM,
 // ErrVMDied, ErrClosed, ErrStart).
 func (s *Sandbox) Invoke(ctx context.Context, t *task.Task) (*task.Result, error) {
+	return s.InvokeStreams(ctx, t, Streams{})
+}
+
+// Streams connect a task's fds to the caller, as vm.Stdio does a cold
+// command's. Stdout and Stderr receive what the task writes to fd 1 and
+// fd 2 as it is written (a function task's Result captures it all the
+// same, up to MaxOutput); nil writers leave the output captured only.
+// Stdin, when set, is the task's fd 0 until it ends; nil gives the task
+// /dev/null.
+type Streams = vm.Stdio
+
+// InvokeStreams is Invoke with the task's fds connected to st.
+func (s *Sandbox) InvokeStreams(ctx context.Context, t *task.Task, st Streams) (*task.Result, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.ensureVM(ctx); err != nil {
@@ -226,12 +307,14 @@ func (s *Sandbox) Invoke(ctx context.Context, t *task.Task) (*task.Result, error
 	if tk.MaxOutput <= 0 {
 		tk.MaxOutput = s.opts.MaxOutput
 	}
-	vm := s.vm
-	res, err := vm.call(ctx, &tk, s.opts.Timeout)
+	tk.Stream = st.Stdout != nil || st.Stderr != nil
+	tk.Stdin = st.Stdin != nil
+	g := s.vm
+	res, err := g.call(ctx, &tk, s.opts.Timeout, &s.sent, st)
 	if err != nil {
-		if KindOf(err) == KindTimeout || KindOf(err) == KindVMDied || KindOf(err) == KindOOM || ctx.Err() != nil {
+		if k := KindOf(err); k == KindTimeout || k == KindVMDied || k == KindOOM || ctx.Err() != nil {
 			// The VM is in an unknown state: replace it on the next call.
-			vm.Close()
+			g.close()
 			s.setVM(nil)
 		}
 		if s.closed.Load() {
@@ -249,83 +332,92 @@ func (s *Sandbox) Close() error {
 		return nil
 	}
 	// Kill the VM without waiting for s.mu: an Invoke in flight returns.
-	if vm := s.vmRef.Load(); vm != nil {
-		vm.Close()
+	if g := s.vmRef.Load(); g != nil {
+		g.close()
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.vm != nil {
-		s.vm.Close()
+		s.vm.close()
 		s.setVM(nil)
 	}
 	return nil
 }
 
-// guestVM is a VM in serve mode with reader goroutines on both ports.
+// guestVM is a VM whose agent serves tasks, with a reader goroutine on the
+// agent port.
 type guestVM struct {
-	*launch.VM
+	vm      *vm.VM
+	log     *slog.Logger
 	agent   net.Conn
 	frames  chan proto.Frame // agent frames (Result, Reseeded)
 	dead    chan struct{}    // closed when the agent channel ends
 	errMu   sync.Mutex
 	err     error // why the agent channel ended
-	exit    chan proto.ExitMsg
 	ready   proto.ReadyMsg
 	maxLen  uint32
-	memMiB  int
-	ramFile string // the snapshot RAM file this clone maps privately, if restored
+	timings Timings // the sandbox's phases; the VM's are read from vm
+	release func()  // drops the snapshot's use mark (restored VMs), or nil
+	closed  sync.Once
 }
 
-func bootAgent(ctx context.Context, img *image.Image, preload []string, o Options, log *slog.Logger) (_ *guestVM, err error) {
-	cfg := proto.RunConfig{
-		Mode:      proto.ModeServe,
-		Env:       img.Manifest.Env,
-		Hostname:  "kiln",
-		AgentArgv: img.Manifest.Agent,
-		Preload:   preload,
-	}
-	vm, err := launch.Boot(ctx, img, cfg, o.Launch)
+// bootAgent cold-boots a VM running the agent and waits for it to be ready.
+func (s *Sandbox) bootAgent(ctx context.Context, opts ...vm.Option) (*guestVM, error) {
+	v, err := vm.New(s.opts.VM, append([]vm.Option{vm.WithAgent(s.preload())}, opts...)...)
 	if err != nil {
 		return nil, err
 	}
-	g := newGuestVM(vm, o, log)
-	defer func() {
-		if err != nil {
-			g.Close()
-		}
-	}()
-	f, err := g.next(ctx, time.Time{}, 0)
-	if err != nil {
-		return nil, fmt.Errorf("waiting for the agent: %w", err)
+	if err := v.Start(ctx); err != nil {
+		return nil, err
 	}
-	if f.Type != proto.Ready {
-		return nil, fmt.Errorf("waiting for the agent: got a %s frame, want ready", f.Type)
-	}
-	if err := json.Unmarshal(f.Payload, &g.ready); err != nil {
-		return nil, fmt.Errorf("decoding the agent's ready message: %w", err)
-	}
-	for mod, e := range g.ready.Errors {
-		log.Warn("preload failed in the guest", "module", mod, "error", e)
+	g := s.newGuestVM(v)
+	if err := g.waitReady(ctx); err != nil {
+		g.close()
+		return nil, err
 	}
 	return g, nil
 }
 
-func newGuestVM(vm *launch.VM, o Options, log *slog.Logger) *guestVM {
+func (s *Sandbox) newGuestVM(v *vm.VM) *guestVM {
 	g := &guestVM{
-		VM:     vm,
-		agent:  vm.Machine.Port(launch.AgentPort),
+		vm:     v,
+		log:    s.log,
+		agent:  v.Agent(),
 		frames: make(chan proto.Frame),
 		dead:   make(chan struct{}),
-		exit:   make(chan proto.ExitMsg, 1),
-		maxLen: uint32(o.MaxResult + 2*o.MaxOutput + 1<<20),
-		memMiB: vm.Image.Manifest.MemoryMiB,
-	}
-	if o.Launch.MemoryMiB > 0 {
-		g.memMiB = o.Launch.MemoryMiB
+		maxLen: uint32(s.opts.MaxResult + 2*s.opts.MaxOutput + 1<<20),
 	}
 	go g.readAgent()
-	go g.readCtl(log)
 	return g
+}
+
+// close kills the VM and drops its snapshot's use mark; it may be called
+// from any goroutine, more than once.
+func (g *guestVM) close() {
+	g.vm.Close()
+	g.closed.Do(func() {
+		if g.release != nil {
+			g.release()
+		}
+	})
+}
+
+// waitReady waits for the agent's Ready frame.
+func (g *guestVM) waitReady(ctx context.Context) error {
+	f, err := g.next(ctx, time.Time{}, 0)
+	if err != nil {
+		return fmt.Errorf("waiting for the agent: %w", err)
+	}
+	if f.Type != proto.Ready {
+		return fmt.Errorf("waiting for the agent: got a %s frame, want ready", f.Type)
+	}
+	if err := json.Unmarshal(f.Payload, &g.ready); err != nil {
+		return fmt.Errorf("decoding the agent's ready message: %w", err)
+	}
+	for mod, e := range g.ready.Errors {
+		g.log.Warn("preload failed in the guest", "module", mod, "error", e)
+	}
+	return nil
 }
 
 func (g *guestVM) readAgent() {
@@ -340,57 +432,33 @@ func (g *guestVM) readAgent() {
 				select {
 				case g.frames <- f:
 					continue
-				case <-g.Machine.Done():
+				case <-g.vm.Done():
 				}
 			}
-			g.errMu.Lock()
-			g.err = err
-			g.errMu.Unlock()
-			close(g.dead)
+			g.setErr(err)
 			return
 		}
 		select {
 		case g.frames <- f:
-		case <-g.Machine.Done():
-			g.errMu.Lock()
-			g.err = errors.New("the VM exited")
-			g.errMu.Unlock()
-			close(g.dead)
+		case <-g.vm.Done():
+			g.setErr(errors.New("the VM exited"))
 			return
 		}
 	}
 }
 
-func (g *guestVM) readCtl(log *slog.Logger) {
-	r, _ := g.Ctl()
-	for {
-		f, err := r.Next()
-		if err != nil {
-			return
-		}
-		switch f.Type {
-		case proto.Log:
-			log.Debug("guest", "line", string(f.Payload))
-		case proto.Event:
-			// Boot phases of serve-mode VMs are not recorded: Timings
-			// belongs to the goroutine that holds the sandbox.
-		case proto.Exit:
-			var e proto.ExitMsg
-			if json.Unmarshal(f.Payload, &e) == nil {
-				select {
-				case g.exit <- e:
-				default:
-				}
-			}
-		}
-	}
+func (g *guestVM) setErr(err error) {
+	g.errMu.Lock()
+	g.err = err
+	g.errMu.Unlock()
+	close(g.dead)
 }
 
 func (g *guestVM) isDead() bool {
 	select {
 	case <-g.dead:
 		return true
-	case <-g.Machine.Done():
+	case <-g.vm.Done():
 		return true
 	default:
 		return false
@@ -411,7 +479,7 @@ func (g *guestVM) next(ctx context.Context, deadline time.Time, timeout time.Dur
 		return f, nil
 	case <-g.dead:
 		return proto.Frame{}, g.deathError()
-	case <-g.Machine.Done():
+	case <-g.vm.Done():
 		return proto.Frame{}, g.deathError()
 	case <-tc:
 		return proto.Frame{}, &Error{Kind: KindTimeout, Msg: fmt.Sprintf("timeout after %s", fmtSeconds(timeout))}
@@ -420,64 +488,104 @@ func (g *guestVM) next(ctx context.Context, deadline time.Time, timeout time.Dur
 	}
 }
 
+// stdinPump sends a task's input to the agent as Stdin frames and ends it
+// with exactly one empty frame, also when the task finishes first (the
+// agent relies on that; see agent.py's Router).
+type stdinPump struct {
+	conn net.Conn
+	mu   sync.Mutex
+	done bool // the end of input was sent
+}
+
+func newStdinPump(conn net.Conn, r io.Reader) *stdinPump {
+	p := &stdinPump{conn: conn}
+	go func() {
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := r.Read(buf)
+			if n > 0 && !p.send(buf[:n]) {
+				return
+			}
+			if err != nil {
+				p.finish()
+				return
+			}
+		}
+	}()
+	return p
+}
+
+// send writes one chunk unless the input has ended; false when it has.
+func (p *stdinPump) send(b []byte) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.done {
+		return false
+	}
+	if err := proto.Write(p.conn, proto.Stdin, b); err != nil {
+		p.done = true
+		return false
+	}
+	return true
+}
+
+// finish sends the end of input once.
+func (p *stdinPump) finish() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.done {
+		p.done = true
+		_ = proto.Write(p.conn, proto.Stdin, nil)
+	}
+}
+
 func fmtSeconds(d time.Duration) string {
 	return strconv.FormatFloat(d.Seconds(), 'f', -1, 64) + " s"
 }
 
-// deathError explains a dead guest, waiting briefly for init's Exit frame
-// (which says whether the kernel's OOM killer struck).
+// deathError turns the VM's account of the agent's end into a sandbox
+// error: out of memory when the guest kernel's OOM killer struck, else a
+// dead VM.
 func (g *guestVM) deathError() error {
-	var e proto.ExitMsg
-	var got bool
-	select {
-	case e = <-g.exit:
-		got = true
-	case <-time.After(3 * time.Second):
-	}
-	if got && e.OOM {
-		return &Error{Kind: KindOOM, Msg: "out of memory: the guest kernel killed the agent; give the VM more memory (--memory)"}
-	}
 	g.errMu.Lock()
 	cause := g.err
 	g.errMu.Unlock()
-	msg := "the VM died"
-	switch {
-	case got && e.Error != "":
-		msg = "the agent exited: " + e.Error
-	case got:
-		msg = fmt.Sprintf("the agent exited with status %d%s", e.Code, sig(e.Signal))
+	d := g.vm.Death("the agent", cause)
+	if d.OOM() {
+		return &Error{Kind: KindOOM, Msg: "out of memory: the guest kernel killed the agent; give the VM more memory (--memory)"}
 	}
-	select {
-	case <-g.Machine.Done():
-		if werr := g.Machine.Wait(); werr != nil {
-			msg += fmt.Sprintf(" (VMM: %v)", werr)
-		}
-	default:
-	}
-	if cause != nil && !got {
-		msg += " (" + cause.Error() + ")"
-	}
-	return &Error{Kind: KindVMDied, Msg: msg + launch.ConsoleTail(g.Machine.Console())}
+	return &Error{Kind: KindVMDied, Msg: d.Error()}
 }
 
-func sig(s string) string {
-	if s == "" {
-		return ""
-	}
-	return " (signal " + s + ")"
-}
-
-func (g *guestVM) call(ctx context.Context, t *task.Task, timeout time.Duration) (*task.Result, error) {
+func (g *guestVM) call(ctx context.Context, t *task.Task, timeout time.Duration, inFlight *atomic.Int64, st Streams) (*task.Result, error) {
 	deadline := time.Now().Add(timeout)
 	if err := proto.WriteJSON(g.agent, proto.Task, t); err != nil {
 		return nil, g.deathError()
+	}
+	inFlight.Add(1)
+	defer inFlight.Add(-1)
+	if st.Stdin != nil {
+		in := newStdinPump(g.agent, st.Stdin)
+		defer in.finish()
 	}
 	for {
 		f, err := g.next(ctx, deadline, timeout)
 		if err != nil {
 			return nil, err
 		}
-		if f.Type != proto.Result {
+		switch f.Type {
+		case proto.Stdout:
+			if st.Stdout != nil {
+				_, _ = st.Stdout.Write(f.Payload)
+			}
+			continue
+		case proto.Stderr:
+			if st.Stderr != nil {
+				_, _ = st.Stderr.Write(f.Payload)
+			}
+			continue
+		case proto.Result:
+		default:
 			continue
 		}
 		if f.Payload == nil {
@@ -490,10 +598,10 @@ func (g *guestVM) call(ctx context.Context, t *task.Task, timeout time.Duration)
 		if res.ID != t.ID {
 			continue // a late result of an earlier, abandoned task
 		}
-		if g.Timings.FirstResult == 0 {
-			g.Timings.FirstResult = time.Since(g.Timings.Start)
+		if g.timings.FirstResult == 0 {
+			g.timings.FirstResult = time.Since(g.timings.Began)
 		}
-		if res.ErrorKind == "too_large" {
+		if res.ErrorKind == task.ErrorTooLarge {
 			msg := "result too large"
 			if res.Error != nil {
 				msg = res.Error.Message
@@ -501,7 +609,7 @@ func (g *guestVM) call(ctx context.Context, t *task.Task, timeout time.Duration)
 			return res, &Error{Kind: KindTooLarge, Msg: msg}
 		}
 		if !res.OK && res.Error != nil && res.Error.Type == "MemoryError" {
-			return res, &Error{Kind: KindOOM, Msg: "out of memory: the function raised MemoryError in a VM of " + strconv.Itoa(g.memMiB) + " MiB; give it more memory (--memory)"}
+			return res, &Error{Kind: KindOOM, Msg: "out of memory: the function raised MemoryError in a VM of " + strconv.Itoa(g.vm.MemoryMiB()) + " MiB; give it more memory (--memory)"}
 		}
 		return res, nil
 	}

@@ -1,6 +1,7 @@
 package sandbox_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,19 +15,21 @@ import (
 
 	"github.com/kiln-dev/kiln/internal/guest/task"
 	"github.com/kiln-dev/kiln/internal/sandbox"
+	"github.com/kiln-dev/kiln/internal/snapshot"
 	"github.com/kiln-dev/kiln/internal/testutil"
+	"github.com/kiln-dev/kiln/internal/testutil/testimage"
 )
 
 func TestMain(m *testing.M) { testutil.Main(m) }
 
 func start(t *testing.T, o sandbox.Options) *sandbox.Sandbox {
 	t.Helper()
-	img := testutil.NumpyImage(t)
+	img := testutil.OpenImage(t, testimage.Numpy(t))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	sb, err := sandbox.Start(ctx, img, o)
 	if err != nil {
-		t.Fatalf("Start(%s) error = %v", img, err)
+		t.Fatalf("Start(%s) error = %v", img.Path, err)
 	}
 	t.Cleanup(func() { sb.Close() })
 	return sb
@@ -108,6 +111,19 @@ func TestInvoke(t *testing.T) {
 	}
 	if n := sb.Boots.Load(); n != 1 {
 		t.Errorf("VMs booted = %d, want 1 (one warm VM for every call)", n)
+	}
+}
+
+// settle gives exiting goroutines and closing fds up to 5 s to reach the
+// counts fds0 and gr0 (the assertions after it check them).
+func settle(fds0, gr0 int) {
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		runtime.GC()
+		if fds, _ := os.ReadDir("/proc/self/fd"); len(fds) <= fds0 && runtime.NumGoroutine() <= gr0 {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -212,8 +228,7 @@ func TestRepeatNoLeaks(t *testing.T) {
 			t.Fatalf("call %d value = %v, want 100", i, v)
 		}
 	}
-	runtime.GC()
-	time.Sleep(100 * time.Millisecond)
+	settle(fds0, gr0)
 	if fds := testutil.CountFDs(t); fds > fds0 {
 		t.Errorf("open fds after 100 calls = %d, want at most %d", fds, fds0)
 	}
@@ -226,7 +241,7 @@ func TestRepeatNoLeaks(t *testing.T) {
 }
 
 func TestCloseReleasesEverything(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testutil.OpenImage(t, testimage.Numpy(t))
 	fds0, gr0 := testutil.CountFDs(t), runtime.NumGoroutine()
 	sb, err := sandbox.Start(context.Background(), img, sandbox.Options{})
 	if err != nil {
@@ -237,7 +252,8 @@ func TestCloseReleasesEverything(t *testing.T) {
 		_, err := sb.Invoke(context.Background(), source("def f():\n    import time\n    time.sleep(600)\n", "f"))
 		done <- err
 	}()
-	time.Sleep(2 * time.Second)
+	// Close only once the task is in the agent's hands.
+	testutil.WaitFor(t, time.Minute, "the task to be in flight", func() bool { return sb.InFlight() == 1 })
 	if err := sb.Close(); err != nil {
 		t.Fatalf("Close() error = %v", err)
 	}
@@ -255,7 +271,7 @@ func TestCloseReleasesEverything(t *testing.T) {
 	if err := sb.Close(); err != nil {
 		t.Errorf("second Close() error = %v", err)
 	}
-	time.Sleep(200 * time.Millisecond)
+	settle(fds0, gr0)
 	if fds := testutil.CountFDs(t); fds > fds0 {
 		t.Errorf("open fds after Close = %d, want at most %d", fds, fds0)
 	}
@@ -322,5 +338,58 @@ func TestStoppedVMM(t *testing.T) {
 	r, err := invoke(t, sb, source("def f():\n    return 2\n", "f"))
 	if err != nil || !r.OK {
 		t.Fatalf("Invoke after the stopped VMM = %+v, %v", r, err)
+	}
+}
+
+// TestProcessesAndStreams: multiprocessing.Pool(4) over numpy works in a
+// default 512 MiB VM (the overcommit policy and /dev/shm allow it, while
+// TestTooLargeAndOOM keeps big allocations failing fast), a command gets
+// its stdin with an end, and a task's output streams while it runs.
+func TestProcessesAndStreams(t *testing.T) {
+	sb := start(t, sandbox.Options{Timeout: 2 * time.Minute})
+	pool := "def g(n):\n    import numpy as np\n    return float(np.arange(n).sum())\n\ndef f():\n    import multiprocessing as mp\n    with mp.Pool(4) as p:\n        return p.map(g, [10, 100, 1000, 10000])\n"
+	r, err := invoke(t, sb, source(pool, "f"))
+	if err != nil || !r.OK {
+		t.Fatalf("Pool(4) task = %+v (%+v), %v", r, r.Error, err)
+	}
+	if string(r.Value.Data) != "[45.0,4950.0,499500.0,49995000.0]" && string(r.Value.Data) != "[45.0, 4950.0, 499500.0, 49995000.0]" {
+		t.Errorf("Pool(4).map = %s, want [45.0, 4950.0, 499500.0, 49995000.0]", r.Value.Data)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var out, errb bytes.Buffer
+	code, err := sb.Run(ctx, []string{"python3", "-c", "import sys; d = sys.stdin.read(); print(len(d.split())); sys.exit(4)"}, nil,
+		sandbox.Streams{Stdin: strings.NewReader("a\nb\nc\n"), Stdout: &out, Stderr: &errb})
+	if err != nil || code != 4 || out.String() != "3\n" {
+		t.Errorf("Run(stdin a b c) = %d, %v, stdout %q (stderr %q); want 4, nil, \"3\\n\"", code, err, out.String(), errb.String())
+	}
+
+	// Streamed output arrives before the result, in order.
+	var streamed testutil.LockedBuffer
+	r, err = sb.InvokeStreams(ctx, source("def f():\n    for i in range(3):\n        print('line', i, flush=True)\n    return 'done'\n", "f"), sandbox.Streams{Stdout: &streamed})
+	if err != nil || !r.OK {
+		t.Fatalf("InvokeStreams = %+v, %v", r, err)
+	}
+	if want := "line 0\nline 1\nline 2\n"; streamed.String() != want || r.Stdout != want {
+		t.Errorf("streamed %q and captured %q, want %q both", streamed.String(), r.Stdout, want)
+	}
+}
+
+// TestPreloadFailsSnapshot: a preload module the guest cannot import fails
+// the snapshot's creation with the module and its ImportError, never
+// silently.
+func TestPreloadFailsSnapshot(t *testing.T) {
+	img := testutil.OpenImage(t, testimage.Numpy(t))
+	st, err := snapshot.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = sandbox.Start(context.Background(), img, sandbox.Options{Store: st, Preload: []string{"json", "nosuchmodule_kiln"}})
+	if !errors.Is(err, sandbox.ErrStart) || !strings.Contains(err.Error(), "nosuchmodule_kiln: ModuleNotFoundError") {
+		t.Fatalf("Start(preload nosuchmodule_kiln) = %v, want ErrStart naming the module and its ImportError", err)
+	}
+	if entries, _ := st.List(); len(entries) != 0 {
+		t.Errorf("store holds %d snapshots after the failed creation, want none", len(entries))
 	}
 }

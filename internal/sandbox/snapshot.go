@@ -5,13 +5,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/kiln-dev/kiln/internal/guest/proto"
-	"github.com/kiln-dev/kiln/internal/launch"
 	"github.com/kiln-dev/kiln/internal/snapshot"
+	"github.com/kiln-dev/kiln/internal/vm"
 )
 
 // SnapshotMode says whether a Sandbox restores VMs from snapshots.
@@ -29,52 +32,43 @@ const (
 	SnapshotOff
 )
 
-// devices fingerprints the machine configuration a snapshot depends on
-// beyond the key's other fields: a change here must change the key.
-const devices = "q35;virtio-blk:rootfs;virtio-serial:" + launch.CtlPort + "," + launch.AgentPort + ";cmdline:" + launch.Cmdline
-
 // snapshotKey returns the key of the snapshot that fits this sandbox.
 func (s *Sandbox) snapshotKey(ctx context.Context) (snapshot.Key, error) {
-	bin := s.opts.Launch.QEMU
-	if bin == "" {
-		bin = "qemu-system-x86_64"
+	return vm.SnapshotKey(ctx, s.opts.VM, s.preload())
+}
+
+// PreloadError reports preload modules that the guest cannot import: the
+// snapshot (which would hold them imported) is not made.
+type PreloadError struct {
+	Errors map[string]string // module → the guest's ImportError text
+}
+
+func (e *PreloadError) Error() string {
+	mods := slices.Sorted(maps.Keys(e.Errors))
+	var b strings.Builder
+	for i, m := range mods {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		fmt.Fprintf(&b, "%s: %s", m, e.Errors[m])
 	}
-	qv, err := snapshot.QEMUVersion(ctx, bin)
-	if err != nil {
-		return snapshot.Key{}, err
-	}
-	mem, cpus := s.img.Manifest.MemoryMiB, s.img.Manifest.VCPUs
-	if s.opts.Launch.MemoryMiB > 0 {
-		mem = s.opts.Launch.MemoryMiB
-	}
-	if s.opts.Launch.VCPUs > 0 {
-		cpus = s.opts.Launch.VCPUs
-	}
-	return snapshot.Key{
-		ImageDigest: s.img.Digest,
-		Kernel:      s.img.Manifest.Kernel.Version,
-		QEMU:        qv,
-		Accel:       string(s.opts.Launch.Accel),
-		MemoryMiB:   mem,
-		VCPUs:       cpus,
-		Devices:     devices,
-		Preload:     s.preload(),
-	}, nil
+	return fmt.Sprintf("the image's preload list names modules the guest cannot import (%s): fix preload in kiln.toml and rebuild the image", b.String())
 }
 
 // snapshotEntry finds (or, in SnapshotAuto mode, creates) the snapshot to
 // restore. It returns nil when the sandbox should cold-boot; every reason is
-// logged.
-func (s *Sandbox) snapshotEntry(ctx context.Context) *snapshot.Entry {
+// logged. The error is one that cold-booting would not mend (a preload
+// module the guest cannot import).
+func (s *Sandbox) snapshotEntry(ctx context.Context) (*snapshot.Entry, error) {
 	if s.opts.Snapshots == SnapshotOff {
-		return nil
+		return nil, nil
 	}
 	st := s.opts.Store
 	if st == nil {
 		var err error
 		if st, err = snapshot.Open(""); err != nil {
 			s.log.Warn("snapshots unavailable, cold-booting", "error", err)
-			return nil
+			return nil, nil
 		}
 		st.Log = s.log
 		s.opts.Store = st
@@ -82,13 +76,13 @@ func (s *Sandbox) snapshotEntry(ctx context.Context) *snapshot.Entry {
 	key, err := s.snapshotKey(ctx)
 	if err != nil {
 		s.log.Warn("snapshots unavailable, cold-booting", "error", err)
-		return nil
+		return nil, nil
 	}
 	e, err := st.Lookup(key)
 	if err == nil {
 		s.snapshotID.Store(&e.ID)
 		st.Touch(e)
-		return e
+		return e, nil
 	}
 	var inv *snapshot.InvalidError
 	switch {
@@ -98,21 +92,30 @@ func (s *Sandbox) snapshotEntry(ctx context.Context) *snapshot.Entry {
 		s.log.Debug("no snapshot yet", "id", key.ID())
 	default:
 		s.log.Warn("snapshot lookup failed; cold-booting", "error", err)
-		return nil
+		return nil, nil
 	}
 	if s.opts.Snapshots != SnapshotAuto {
-		return nil
+		return nil, nil
 	}
-	e, err = st.Create(ctx, key, func(ctx context.Context, ram, state string) error {
+	e, err = st.Create(ctx, key, func(ctx context.Context, ram, state string) (err error) {
+		if s.opts.SnapshotCreating != nil {
+			done := s.opts.SnapshotCreating(s.preload())
+			defer func() { done(err) }()
+		}
 		return s.createSnapshot(ctx, ram, state)
 	})
+	var pe *PreloadError
+	if errors.As(err, &pe) {
+		return nil, err
+	}
 	if err != nil {
 		s.log.Warn("creating a snapshot failed; cold-booting", "error", err)
-		return nil
+		return nil, nil
 	}
 	s.SnapshotsCreated.Add(1)
+	s.created = time.Since(s.began)
 	s.snapshotID.Store(&e.ID)
-	return e
+	return e, nil
 }
 
 // SnapshotID returns the ID of the snapshot the sandbox restored from last,
@@ -127,49 +130,38 @@ func (s *Sandbox) SnapshotID() string {
 // createSnapshot cold-boots a VM whose RAM is the shared file ram, waits for
 // the agent to be preloaded and idle, and saves the device state to state.
 func (s *Sandbox) createSnapshot(ctx context.Context, ram, state string) error {
-	o := s.opts
-	o.Launch.RAMFile, o.Launch.RAMShared, o.Launch.Incoming = ram, true, false
-	vm, err := bootAgent(ctx, s.img, s.preload(), o, s.log)
+	g, err := s.bootAgent(ctx, vm.WithSnapshotSource(ram))
 	if err != nil {
 		return fmt.Errorf("booting the snapshot source: %w", err)
 	}
-	defer vm.Close()
-	if err := vm.Machine.SaveState(ctx, state); err != nil {
-		return fmt.Errorf("saving the VM state: %w", err)
+	defer g.close()
+	if len(g.ready.Errors) > 0 {
+		return &PreloadError{Errors: g.ready.Errors}
 	}
-	return nil
+	return g.vm.SaveSnapshot(ctx, ram, state)
 }
 
 // restore starts a clone from the snapshot files ram and state and makes it
 // unique: fresh entropy for the kernel pool and Python's random module, and
 // the host's wall clock.
-func restore(ctx context.Context, s *Sandbox, ram, state string) (_ *guestVM, err error) {
-	o := s.opts
-	o.Launch.RAMFile, o.Launch.RAMShared, o.Launch.Incoming = ram, false, true
-	vm, err := launch.Start(ctx, s.img, o.Launch)
+func (s *Sandbox) restore(ctx context.Context, ram, state string) (_ *guestVM, err error) {
+	v, err := vm.New(s.opts.VM, vm.WithSnapshot(ram, state))
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			vm.Close()
-		}
-	}()
-	if err := vm.Machine.LoadState(ctx, state); err != nil {
-		return nil, fmt.Errorf("loading the VM state: %w", err)
+	if err := v.Start(ctx); err != nil {
+		return nil, err
 	}
-	vm.Timings.StateLoaded = time.Since(vm.Timings.Start)
-	g := newGuestVM(vm, o, s.log)
-	g.ramFile = ram
+	g := s.newGuestVM(v)
 	defer func() {
 		if err != nil {
-			g.Close()
+			g.close()
 		}
 	}()
 	if err := g.reseed(ctx); err != nil {
 		return nil, err
 	}
-	g.Timings.Reseeded = time.Since(g.Timings.Start)
+	g.timings.Reseeded = time.Since(s.began)
 	return g, nil
 }
 
@@ -190,28 +182,18 @@ func (s *Sandbox) Checkpoint(ctx context.Context, dir string) error {
 	if s.closed.Load() {
 		return ErrClosed
 	}
-	vm := s.vm
-	if vm == nil || vm.isDead() {
+	g := s.vm
+	if g == nil || g.isDead() {
 		return &Error{Kind: KindVMDied, Msg: "no running VM to checkpoint"}
 	}
-	if vm.ramFile == "" {
+	if !g.vm.Restored() {
 		return errors.New("checkpoint needs a VM restored from a snapshot (file-backed RAM); start the sandbox with snapshots enabled")
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("creating checkpoint directory: %w", err)
 	}
-	// The clone's RAM is a private copy-on-write mapping, so QEMU streams
-	// all of it into the state file; the RAM file is then all zeros.
-	ram := filepath.Join(dir, CheckpointRAM)
-	fi, err := os.Stat(vm.ramFile)
-	if err != nil {
-		return fmt.Errorf("checkpoint: %w", err)
-	}
-	if err := makeSparse(ram, fi.Size()); err != nil {
-		return fmt.Errorf("checkpoint: %w", err)
-	}
-	err = vm.Machine.SaveState(ctx, filepath.Join(dir, CheckpointState))
-	vm.Close()
+	err := g.vm.SaveSnapshot(ctx, filepath.Join(dir, CheckpointRAM), filepath.Join(dir, CheckpointState))
+	g.close()
 	s.setVM(nil)
 	if err != nil {
 		return fmt.Errorf("checkpoint: %w", err)
@@ -219,22 +201,10 @@ func (s *Sandbox) Checkpoint(ctx context.Context, dir string) error {
 	return nil
 }
 
-func makeSparse(path string, size int64) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	if err := f.Truncate(size); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
-}
-
 // reseed sends fresh entropy and the time to the agent and waits for its
 // answer.
 func (g *guestVM) reseed(ctx context.Context) error {
-	msg := proto.ReseedMsg{Entropy: launch.Entropy(64), TimeNS: time.Now().UnixNano()}
+	msg := proto.ReseedMsg{Entropy: vm.Entropy(64), TimeNS: time.Now().UnixNano()}
 	if err := proto.WriteJSON(g.agent, proto.Reseed, msg); err != nil {
 		return fmt.Errorf("reseeding the clone: %w", err)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/kiln-dev/kiln/internal/sandbox"
 	"github.com/kiln-dev/kiln/internal/snapshot"
 	"github.com/kiln-dev/kiln/internal/testutil"
+	"github.com/kiln-dev/kiln/internal/testutil/testimage"
 )
 
 // store returns a private snapshot store for one test.
@@ -31,7 +32,7 @@ func store(t *testing.T) *snapshot.Store {
 // TestRestoredClonesAreUnique restores one snapshot 20 times and checks that
 // every clone has its own randomness and the host's time.
 func TestRestoredClonesAreUnique(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testutil.OpenImage(t, testimage.Numpy(t))
 	st := store(t)
 	probe := source("def f():\n    import os, random, uuid, time\n    return [os.urandom(16).hex(), random.random(), str(uuid.uuid4()), time.time()]\n", "f")
 	seen := map[string]map[string]bool{"urandom": {}, "random": {}, "uuid4": {}}
@@ -74,7 +75,7 @@ func TestRestoredClonesAreUnique(t *testing.T) {
 // checks that it is never restored: the sandbox logs why, cold-boots a
 // snapshot source again and answers.
 func TestDamagedSnapshotFallsBack(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testutil.OpenImage(t, testimage.Numpy(t))
 	st := store(t)
 	sb, err := sandbox.Start(context.Background(), img, sandbox.Options{Store: st})
 	if err != nil {
@@ -115,7 +116,7 @@ func TestDamagedSnapshotFallsBack(t *testing.T) {
 			var logs testutil.LockedBuffer
 			log := slog.New(slog.NewTextHandler(&logs, nil))
 			o := sandbox.Options{Store: st}
-			o.Launch.Log = log
+			o.VM.Log = log
 			sb, err := sandbox.Start(context.Background(), img, o)
 			if err != nil {
 				t.Fatalf("Start() with a damaged snapshot error = %v, want a cold-boot fallback", err)
@@ -138,7 +139,7 @@ func TestDamagedSnapshotFallsBack(t *testing.T) {
 // TestCheckpointChain restores, checkpoints and restores again three times;
 // state set in one generation is seen by the next.
 func TestCheckpointChain(t *testing.T) {
-	img := testutil.NumpyImage(t)
+	img := testutil.OpenImage(t, testimage.Numpy(t))
 	st := store(t)
 	o := sandbox.Options{Store: st}
 	bump := source("def bump():\n    import builtins\n    builtins.kiln_gen = getattr(builtins, 'kiln_gen', 0) + 1\n    return builtins.kiln_gen\n", "bump")

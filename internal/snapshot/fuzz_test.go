@@ -75,7 +75,7 @@ func TestDecodeMetaSeeds(t *testing.T) {
 		{"unknown", strings.Replace(string(valid), `"format": 1`, `"format": 1, "x": 2`, 1), `meta.json: json: unknown field "x"`},
 		{"bad digest", strings.Replace(string(valid), strings.Repeat("0", 64), "00", 1), `meta.json: bad ram digest "00"`},
 		{"empty key", `{"format":1,"created":"2025-01-01T00:00:00Z","ram_size":1,"state_size":1,"ram_sha256":"` + strings.Repeat("0", 64) + `","state_sha256":"` + strings.Repeat("0", 64) + `"}`,
-			"meta.json: invalid snapshot key: image digest, kernel, qemu version, accel, memory, vcpus not set"},
+			"meta.json: invalid snapshot key: image digest, kernel, VMM version, accel, memory, vcpus not set"},
 	}
 	for _, tt := range tests {
 		_, err := decodeMeta([]byte(tt.data))

@@ -3,15 +3,11 @@ package snapshot
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"os/exec"
 	"strings"
-	"sync"
 )
 
 // FormatVersion is the version of the on-disk layout (meta.json) and of
@@ -24,11 +20,11 @@ const FormatVersion = 1
 type Key struct {
 	ImageDigest string   `json:"image_digest"`
 	Kernel      string   `json:"kernel"`     // kernel version
-	QEMU        string   `json:"qemu"`       // first line of `qemu-system-x86_64 --version`
+	VMM         string   `json:"vmm"`        // the VMM's version (vmm.Machine.Version), e.g. the first line of `qemu-system-x86_64 --version`
 	Accel       string   `json:"accel"`      // "kvm" or "tcg"
 	MemoryMiB   int      `json:"memory_mib"` // guest memory = size of the RAM file
 	VCPUs       int      `json:"vcpus"`
-	Devices     string   `json:"devices"`  // fingerprint of the device configuration, given by the caller
+	Devices     string   `json:"devices"`  // the VMM driver's fingerprint of the machine (vmm.Machine.Fingerprint)
 	Preload     []string `json:"preload"`  // modules the agent imported, in order
 	Protocol    int      `json:"protocol"` // 0 means FormatVersion
 }
@@ -73,8 +69,8 @@ func (k Key) check() error {
 	if k.Kernel == "" {
 		missing = append(missing, "kernel")
 	}
-	if k.QEMU == "" {
-		missing = append(missing, "qemu version")
+	if k.VMM == "" {
+		missing = append(missing, "VMM version")
 	}
 	if k.Accel == "" {
 		missing = append(missing, "accel")
@@ -102,31 +98,4 @@ func validID(id string) bool {
 		}
 	}
 	return true
-}
-
-var qemuVersions sync.Map // binary path -> version string
-
-// QEMUVersion runs `<binary> --version` and returns the first line of its
-// output, e.g. "QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u13)".
-// Results are cached per binary path for the life of the process.
-func QEMUVersion(ctx context.Context, binary string) (string, error) {
-	if v, ok := qemuVersions.Load(binary); ok {
-		return v.(string), nil
-	}
-	var out, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, binary, "--version")
-	cmd.Stdout, cmd.Stderr = &out, &stderr
-	if err := cmd.Run(); err != nil {
-		if errors.Is(err, exec.ErrNotFound) {
-			return "", fmt.Errorf("running %s --version: %w (install qemu-system-x86)", binary, err)
-		}
-		return "", fmt.Errorf("running %s --version: %w: %s", binary, err, strings.TrimSpace(stderr.String()))
-	}
-	line, _, _ := strings.Cut(out.String(), "\n")
-	line = strings.TrimSpace(line)
-	if line == "" {
-		return "", fmt.Errorf("running %s --version: no output", binary)
-	}
-	qemuVersions.Store(binary, line)
-	return line, nil
 }

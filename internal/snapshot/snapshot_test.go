@@ -5,11 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,6 +19,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/kiln-dev/kiln/internal/testutil"
 )
 
 const (
@@ -28,7 +32,7 @@ func testKey() Key {
 	return Key{
 		ImageDigest: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
 		Kernel:      "6.1.0-28-cloud-amd64",
-		QEMU:        "QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u13)",
+		VMM:         "QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u13)",
 		Accel:       "tcg",
 		MemoryMiB:   testMemMiB,
 		VCPUs:       1,
@@ -65,6 +69,24 @@ func writeSnapshotFiles(ram, state string, memMiB int) error {
 
 func fillOK(_ context.Context, ram, state string) error {
 	return writeSnapshotFiles(ram, state, testMemMiB)
+}
+
+// agePastRacyWindow waits until e's files changed longer ago than the racy
+// window, so that verifying them leaves stamps.
+func agePastRacyWindow(t *testing.T, e *Entry) {
+	t.Helper()
+	testutil.WaitFor(t, 10*time.Second, "snapshot files older than the racy window", func() bool {
+		for _, p := range []string{e.RAM, e.State} {
+			fi, err := os.Stat(p)
+			if err != nil {
+				return false
+			}
+			if ct, ok := ctime(fi); !ok || time.Since(ct) < 2*racyWindow {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 func newStore(t *testing.T) *Store {
@@ -274,7 +296,7 @@ func TestLookupCorrupt(t *testing.T) {
 			e := mustCreate(t, s, k)
 			// Let the files age past the racy window, then look up once so
 			// that verification stamps exist: corruption must beat them.
-			time.Sleep(2 * racyWindow)
+			agePastRacyWindow(t, e)
 			if _, err := s.Lookup(k); err != nil {
 				t.Fatalf("Lookup before corruption: %v", err)
 			}
@@ -340,7 +362,7 @@ func TestVerificationStamp(t *testing.T) {
 	s := newStore(t)
 	k := testKey()
 	e := mustCreate(t, s, k)
-	time.Sleep(2 * racyWindow)
+	agePastRacyWindow(t, e)
 	if _, err := s.Lookup(k); err != nil {
 		t.Fatalf("first Lookup: %v", err)
 	}
@@ -376,7 +398,7 @@ func TestKeyID(t *testing.T) {
 	}{
 		{"ImageDigest", func(k *Key) { k.ImageDigest = strings.Repeat("f", 64) }},
 		{"Kernel", func(k *Key) { k.Kernel = "6.1.0-29-cloud-amd64" }},
-		{"QEMU", func(k *Key) { k.QEMU = "QEMU emulator version 8.2.0" }},
+		{"VMM", func(k *Key) { k.VMM = "QEMU emulator version 8.2.0" }},
 		{"Accel", func(k *Key) { k.Accel = "kvm" }},
 		{"MemoryMiB", func(k *Key) { k.MemoryMiB = 1024 }},
 		{"VCPUs", func(k *Key) { k.VCPUs = 2 }},
@@ -437,20 +459,20 @@ func TestCreateConcurrentGoroutines(t *testing.T) {
 	s := newStore(t)
 	k := testKey()
 	const n = 4
+	var logs testutil.LockedBuffer
+	s.Log = slog.New(slog.NewTextHandler(&logs, nil))
 	var fills atomic.Int32
-	var started sync.WaitGroup
-	started.Add(n)
-	allStarted := make(chan struct{})
-	go func() { started.Wait(); close(allStarted) }()
 	fill := func(ctx context.Context, ram, state string) error {
 		fills.Add(1)
-		// Hold the lock until every creator is waiting for it.
-		select {
-		case <-allStarted:
-		case <-time.After(60 * time.Second):
-			return errors.New("creators did not start")
+		// Hold the lock until every other creator is waiting for it (each
+		// logs once that it waits).
+		deadline := time.Now().Add(60 * time.Second)
+		for strings.Count(logs.String(), waitingMsg) < n-1 {
+			if time.Now().After(deadline) {
+				return errors.New("the other creators did not reach the lock")
+			}
+			time.Sleep(5 * time.Millisecond)
 		}
-		time.Sleep(50 * time.Millisecond)
 		return fillOK(ctx, ram, state)
 	}
 	ids := make([]string, n)
@@ -458,7 +480,6 @@ func TestCreateConcurrentGoroutines(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			started.Done()
 			e, err := s.Create(context.Background(), k, fill)
 			errs[i] = err
 			if e != nil {
@@ -484,6 +505,24 @@ func TestCreateConcurrentGoroutines(t *testing.T) {
 
 const childEnv = "KILN_SNAPSHOT_TEST_CHILD"
 
+// waitingMsg is what Store logs when it waits for another creator's lock.
+const waitingMsg = "waiting for another kiln process using snapshot"
+
+// otherWaits reports whether another child's log (sync/log-<pid>) says
+// that it waits for the lock.
+func otherWaits(sync string) bool {
+	logs, _ := filepath.Glob(filepath.Join(sync, "log-*"))
+	for _, l := range logs {
+		if l == filepath.Join(sync, fmt.Sprintf("log-%d", os.Getpid())) {
+			continue
+		}
+		if b, _ := os.ReadFile(l); strings.Contains(string(b), waitingMsg) {
+			return true
+		}
+	}
+	return false
+}
+
 // TestCreateChild is run by TestCreateConcurrentProcesses in child processes.
 func TestCreateChild(t *testing.T) {
 	dir := os.Getenv(childEnv)
@@ -498,6 +537,14 @@ func TestCreateChild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// This process's store logs into sync/log-<pid>, so that the other one
+	// sees when this one waits for the lock.
+	logf, err := os.Create(filepath.Join(sync, fmt.Sprintf("log-%d", os.Getpid())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	s.Log = slog.New(slog.NewTextHandler(logf, nil))
 	e, err := s.Create(context.Background(), testKey(), func(ctx context.Context, ram, state string) error {
 		f, err := os.OpenFile(filepath.Join(sync, "fills"), os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 		if err != nil {
@@ -505,19 +552,14 @@ func TestCreateChild(t *testing.T) {
 		}
 		fmt.Fprintln(f, os.Getpid())
 		f.Close()
-		// Hold the lock until both processes are creating.
+		// Hold the lock until the other process waits for it.
 		deadline := time.Now().Add(60 * time.Second)
-		for {
-			m, _ := filepath.Glob(filepath.Join(sync, "started-*"))
-			if len(m) >= 2 {
-				break
-			}
+		for !otherWaits(sync) {
 			if time.Now().After(deadline) {
-				return errors.New("the other process did not start")
+				return errors.New("the other process did not reach the lock")
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
-		time.Sleep(200 * time.Millisecond) // let the other one reach flock
 		return fillOK(ctx, ram, state)
 	})
 	if err != nil {
@@ -798,22 +840,6 @@ func TestGC(t *testing.T) {
 	}
 }
 
-func TestQEMUVersion(t *testing.T) {
-	v, err := QEMUVersion(context.Background(), "qemu-system-x86_64")
-	if err != nil {
-		t.Fatalf("QEMUVersion: %v", err)
-	}
-	if !strings.HasPrefix(v, "QEMU emulator version ") || strings.Contains(v, "\n") {
-		t.Errorf("QEMUVersion = %q, want one line starting with \"QEMU emulator version \"", v)
-	}
-	if _, err := QEMUVersion(context.Background(), "/nonexistent/qemu-system-x86_64"); err == nil {
-		t.Error("QEMUVersion(missing binary) succeeded, want an error")
-	}
-	if _, err := QEMUVersion(context.Background(), "kiln-no-such-qemu"); err == nil || !strings.Contains(err.Error(), "install qemu-system-x86") {
-		t.Errorf("QEMUVersion(not on PATH) = %v, want a hint to install qemu-system-x86", err)
-	}
-}
-
 func TestOpenEnv(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "from-env")
 	t.Setenv(EnvVar, dir)
@@ -836,5 +862,61 @@ func TestOpenEnv(t *testing.T) {
 	}
 	if want := filepath.Join(cacheDir, "snapshots"); s.Dir != want {
 		t.Errorf("Open(\"\").Dir = %s, want %s", s.Dir, want)
+	}
+}
+
+// TestPruneBudget: over the budget the least recently used snapshots go,
+// never one in use nor one kept.
+func TestPruneBudget(t *testing.T) {
+	s := newStore(t)
+	t.Setenv(BudgetEnv, "0")
+	var es []*Entry
+	for i := range 4 {
+		k := testKey()
+		k.Preload = []string{fmt.Sprintf("mod%d", i)}
+		e := mustCreate(t, s, k)
+		// Distinct last uses, oldest first.
+		when := time.Now().Add(time.Duration(i-10) * time.Minute)
+		if err := os.Chtimes(e.Dir, when, when); err != nil {
+			t.Fatal(err)
+		}
+		es = append(es, e)
+	}
+	all, err := s.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	per := all[0].DiskUsage
+	release, err := s.Use(es[0]) // the oldest is in use
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(BudgetEnv, strconv.FormatInt(2*per, 10))
+	evicted, err := s.Prune(es[3].ID)
+	if err != nil {
+		t.Fatalf("Prune: %v", err)
+	}
+	if want := []string{es[1].ID, es[2].ID}; !cmp.Equal(evicted, want) {
+		t.Errorf("Prune evicted %v, want %v (the least recently used that are not in use)", evicted, want)
+	}
+	release()
+	evicted, err = s.Prune()
+	if err != nil {
+		t.Fatalf("Prune: %v", err)
+	}
+	if len(evicted) != 0 {
+		t.Errorf("Prune within the budget evicted %v, want nothing", evicted)
+	}
+	t.Setenv(BudgetEnv, strconv.FormatInt(per, 10))
+	evicted, err = s.Prune()
+	if err != nil || !cmp.Equal(evicted, []string{es[0].ID}) {
+		t.Errorf("Prune = %v, %v; want %s (no longer in use) evicted", evicted, err, es[0].ID)
+	}
+	if names := storeNames(t, s); !cmp.Equal(names, []string{es[3].ID}) {
+		t.Errorf("store holds %q, want only %s", names, es[3].ID)
+	}
+	t.Setenv(BudgetEnv, "lots")
+	if _, err := s.Prune(); err == nil || !strings.Contains(err.Error(), BudgetEnv) {
+		t.Errorf("Prune with a bad budget = %v, want an error naming %s", err, BudgetEnv)
 	}
 }

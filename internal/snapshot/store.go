@@ -63,6 +63,7 @@ func (e *InvalidError) Unwrap() error { return e.RemoveErr }
 //	<Dir>/<id>/ram         guest RAM (sparse, Key.MemoryMiB MiB)
 //	<Dir>/<id>/state       device state (QEMU migration stream)
 //	<Dir>/<id>.lock        flock, exists while held
+//	<Dir>/<id>.use         shared flock of every VM restored from <id> (Use)
 //	<Dir>/.tmp-<id>-*      entries being created or removed
 //	<Dir>/.verified/       verification stamps
 type Store struct {
@@ -376,6 +377,9 @@ func (s *Store) Create(ctx context.Context, k Key, fill func(ctx context.Context
 		e.DiskUsage += diskUsage(fi)
 	}
 	s.log().Info("snapshot created", "id", id, "ram", m.RAMSize, "state", m.StateSize, "duration", time.Since(start))
+	if _, err := s.Prune(id); err != nil {
+		s.log().Warn("evicting snapshots over the store's budget", "err", err)
+	}
 	return e, nil
 }
 
@@ -606,4 +610,35 @@ func (s *Store) gcEntry(id string, keep func(Entry) bool) (bool, error) {
 		return true, nil
 	}
 	return false, nil
+}
+
+// ResolveID maps a full snapshot ID or a unique prefix of one to an ID. A
+// full ID is taken as is, so that an entry too damaged to list can still be
+// removed.
+func (s *Store) ResolveID(arg string) (string, error) {
+	arg = strings.ToLower(arg)
+	if len(arg) == 32 {
+		return arg, nil
+	}
+	if arg == "" {
+		return "", errors.New("empty snapshot id")
+	}
+	entries, err := s.List()
+	if err != nil {
+		return "", err
+	}
+	var matches []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.ID, arg) {
+			matches = append(matches, e.ID)
+		}
+	}
+	switch len(matches) {
+	case 0:
+		return "", fmt.Errorf("no snapshot matches %q (see kiln snapshot ls)", arg)
+	case 1:
+		return matches[0], nil
+	}
+	sort.Strings(matches)
+	return "", fmt.Errorf("%q matches %d snapshots (%s); give more digits", arg, len(matches), strings.Join(matches, ", "))
 }

@@ -12,10 +12,11 @@ import (
 	"regexp"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/kiln-dev/kiln/internal/size"
 )
 
 // FileName is the spec file looked up when Load is given a directory.
@@ -325,7 +326,7 @@ func (s *Spec) validate() []problem {
 			add("command", "", "%q contains NUL", a)
 		}
 	}
-	if n, err := ParseSize(s.Memory); err != nil {
+	if n, err := size.Parse(s.Memory); err != nil {
 		add("memory", "", "%v", err)
 	} else if n < MinMemoryMiB<<20 {
 		add("memory", "", "%q is below the minimum of %dM", s.Memory, MinMemoryMiB)
@@ -353,47 +354,11 @@ func (s *Spec) validate() []problem {
 
 // MemoryMiB returns the guest memory in MiB (rounded down). Valid after Validate.
 func (s *Spec) MemoryMiB() int {
-	n, err := ParseSize(s.Memory)
+	n, err := size.Parse(s.Memory)
 	if err != nil {
 		return 0
 	}
 	return int(n >> 20)
-}
-
-// ParseSize parses a byte size: plain bytes ("536870912") or a number with a
-// binary suffix K, M, G, T (also Ki, Mi, KB, MiB, …; case-insensitive), so
-// "512M" is 512 MiB.
-func ParseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	i := 0
-	for i < len(t) && t[i] >= '0' && t[i] <= '9' {
-		i++
-	}
-	if i == 0 {
-		return 0, fmt.Errorf("invalid size %q (want a number with an optional K, M or G suffix, like \"512M\")", s)
-	}
-	n, err := strconv.ParseInt(t[:i], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("invalid size %q: number out of range", s)
-	}
-	var shift uint
-	switch strings.ToLower(strings.TrimSpace(t[i:])) {
-	case "", "b":
-	case "k", "ki", "kb", "kib":
-		shift = 10
-	case "m", "mi", "mb", "mib":
-		shift = 20
-	case "g", "gi", "gb", "gib":
-		shift = 30
-	case "t", "ti", "tb", "tib":
-		shift = 40
-	default:
-		return 0, fmt.Errorf("invalid size %q: unknown unit %q (use K, M or G)", s, t[i:])
-	}
-	if n > (1<<63-1)>>shift {
-		return 0, fmt.Errorf("invalid size %q: too large", s)
-	}
-	return n << shift, nil
 }
 
 func sortedKeys(m map[string]string) []string {

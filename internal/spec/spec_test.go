@@ -181,39 +181,6 @@ func TestValidateDirect(t *testing.T) {
 	}
 }
 
-func TestParseSize(t *testing.T) {
-	tests := []struct {
-		in   string
-		want int64
-	}{
-		{"512M", 512 << 20},
-		{"512m", 512 << 20},
-		{"512Mi", 512 << 20},
-		{"512MiB", 512 << 20},
-		{"512 MB", 512 << 20},
-		{"1G", 1 << 30},
-		{"2gi", 2 << 30},
-		{"64k", 64 << 10},
-		{"1Ki", 1024},
-		{"1T", 1 << 40},
-		{"536870912", 536870912},
-		{"100b", 100},
-		{" 1G ", 1 << 30},
-		{"0", 0},
-	}
-	for _, tt := range tests {
-		got, err := ParseSize(tt.in)
-		if err != nil || got != tt.want {
-			t.Errorf("ParseSize(%q) = %d, %v, want %d, nil", tt.in, got, err, tt.want)
-		}
-	}
-	for _, bad := range []string{"", "M", "-1M", "1.5G", "1X", "1MM", "99999999999999999999", "9999999999999G", "0x10"} {
-		if got, err := ParseSize(bad); err == nil {
-			t.Errorf("ParseSize(%q) = %d, nil, want error", bad, got)
-		}
-	}
-}
-
 func TestMemoryMiB(t *testing.T) {
 	for in, want := range map[string]int{"512M": 512, "1G": 1024, "134217728": 128, "200000000": 190, "bad": 0} {
 		if got := (&Spec{Memory: in}).MemoryMiB(); got != want {

@@ -1,12 +1,17 @@
-// Package testutil builds the real artifacts end-to-end tests need: the kiln-init binary and kiln images.
+// Package testutil gates tests on the components they need and builds the Go binaries end-to-end tests use.
+//
+// Test tiers: `go test -short ./...` runs no VM, no mkfs and no network;
+// the Need* helpers skip such tests there, with a reason. Without -short a
+// missing component (no QEMU on PATH, no mkfs.erofs, not root) skips the
+// test with a reason too, except in CI ($KILN_CI=1), where it fails: CI
+// must run every test, not pass by skipping them.
 //
 // Artifacts are built once per test binary into a temporary directory that
-// Main removes after the tests ran.
+// Main removes after the tests ran. Images are built by package testimage.
 package testutil
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -16,10 +21,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
-	"github.com/kiln-dev/kiln/internal/build"
-	"github.com/kiln-dev/kiln/internal/spec"
+	"github.com/kiln-dev/kiln/internal/image"
 )
 
 var (
@@ -49,7 +52,8 @@ func Main(m *testing.M) {
 	}
 }
 
-func dir(t testing.TB) string {
+// TempDir returns the per-test-binary artifact directory (removed by Main).
+func TempDir(t testing.TB) string {
 	tmpOnce.Do(func() { tmpDir, tmpErr = os.MkdirTemp("", "kiln-test-") })
 	if tmpErr != nil {
 		t.Fatalf("creating shared test directory: %v", tmpErr)
@@ -64,87 +68,94 @@ func RepoRoot(t testing.TB) string {
 }
 
 var (
-	initOnce sync.Once
-	initPath string
-	initErr  error
+	buildMu  sync.Mutex
+	builtBin = map[string]string{} // package and static flag → binary
 )
+
+// GoBuild builds the main package pkg of this repository (a path relative
+// to the repository's top, such as "./cmd/kiln-init" or a testdata program)
+// once per test binary and returns the binary's path. static builds it the
+// way guest programs are built: no cgo, -trimpath, no VCS stamp, stripped.
+// It is the one builder of test artifacts.
+func GoBuild(t testing.TB, pkg string, static bool) string {
+	t.Helper()
+	key := fmt.Sprintf("%s static=%v", pkg, static)
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	if p, ok := builtBin[key]; ok {
+		return p
+	}
+	d, err := os.MkdirTemp(TempDir(t), "go-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(d, filepath.Base(pkg))
+	args := []string{"build"}
+	env := os.Environ()
+	if static {
+		args = append(args, "-trimpath", "-buildvcs=false", "-ldflags", "-s -w")
+		env = append(env, "CGO_ENABLED=0")
+	}
+	cmd := exec.Command("go", append(args, "-o", out, pkg)...)
+	cmd.Dir = RepoRoot(t)
+	cmd.Env = env
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+	}
+	builtBin[key] = out
+	return out
+}
 
 // KilnInit builds cmd/kiln-init (static, reproducible) once and returns its path.
 func KilnInit(t testing.TB) string {
 	t.Helper()
-	d := dir(t)
-	initOnce.Do(func() {
-		p := filepath.Join(d, "kiln-init")
-		initErr = goBuild(t, p, "./cmd/kiln-init", []string{"CGO_ENABLED=0"}, "-trimpath", "-buildvcs=false", "-ldflags", "-s -w")
-		initPath = p
-	})
-	if initErr != nil {
-		t.Fatal(initErr)
-	}
-	return initPath
+	return GoBuild(t, "./cmd/kiln-init", true)
 }
-
-// NumpySpec is the spec of the test image: Debian's numpy on Debian's python.
-const NumpySpec = `name = "numpy-test"
-python = "/usr/bin/python3"
-debian = ["python3-numpy"]
-env = { OMP_NUM_THREADS = "1" }
-memory = "512M"
-vcpus = 1
-`
 
 var (
-	imgMu   sync.Mutex
-	imgPath = map[string]string{}
-	imgErr  = map[string]error{}
+	kilnOnce sync.Once
+	kilnPath string
+	kilnErr  error
 )
 
-// Image builds the image of specText once per test binary and returns its
-// path. Builds are bounded to 15 minutes.
-func Image(t testing.TB, specText string) string {
+// Kiln builds the kiln CLI once and returns its path, with kiln-init beside
+// it (where the CLI looks for it).
+func Kiln(t testing.TB) string {
 	t.Helper()
-	imgMu.Lock()
-	defer imgMu.Unlock()
-	if p, ok := imgPath[specText]; ok {
-		return p
+	initBin, cli := KilnInit(t), GoBuild(t, "./cmd/kiln", false)
+	kilnOnce.Do(func() {
+		d, err := os.MkdirTemp(TempDir(t), "bin-")
+		if err != nil {
+			kilnErr = err
+			return
+		}
+		for _, f := range [][2]string{{cli, "kiln"}, {initBin, "kiln-init"}} {
+			b, err := os.ReadFile(f[0])
+			if err == nil {
+				err = os.WriteFile(filepath.Join(d, f[1]), b, 0o755)
+			}
+			if err != nil {
+				kilnErr = err
+				return
+			}
+		}
+		kilnPath = filepath.Join(d, "kiln")
+	})
+	if kilnErr != nil {
+		t.Fatal(kilnErr)
 	}
-	if err, ok := imgErr[specText]; ok {
-		t.Fatal(err)
-	}
-	p, err := buildImage(t, specText)
-	if err != nil {
-		imgErr[specText] = err
-		t.Fatal(err)
-	}
-	imgPath[specText] = p
-	return p
+	return kilnPath
 }
 
-func buildImage(t testing.TB, specText string) (string, error) {
-	d, err := os.MkdirTemp(dir(t), "img-")
+// OpenImage opens and verifies the image at path.
+func OpenImage(t testing.TB, path string) *image.Image {
+	t.Helper()
+	img, err := image.OpenVerified(path)
 	if err != nil {
-		return "", err
+		t.Fatalf("opening image %s: %v", path, err)
 	}
-	if err := os.WriteFile(filepath.Join(d, "kiln.toml"), []byte(specText), 0o644); err != nil {
-		return "", err
-	}
-	s, err := spec.Load(d)
-	if err != nil {
-		return "", err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	t0 := time.Now()
-	res, err := build.Build(ctx, s, build.Options{Output: filepath.Join(d, s.Name+".kimg"), Init: KilnInit(t)})
-	if err != nil {
-		return "", fmt.Errorf("building test image %s: %w", s.Name, err)
-	}
-	t.Logf("built test image %s in %s (%d bytes)", res.Path, time.Since(t0).Round(time.Millisecond), res.Size)
-	return res.Path, nil
+	return img
 }
-
-// NumpyImage returns the path of an image built from NumpySpec.
-func NumpyImage(t testing.TB) string { return Image(t, NumpySpec) }
 
 // CountFDs returns the number of open file descriptors of this process.
 func CountFDs(t testing.TB) int {
@@ -195,51 +206,6 @@ func ProcKB(t testing.TB, path, field string) int64 {
 	}
 	t.Fatalf("no %s in %s", field, path)
 	return 0
-}
-
-var (
-	kilnOnce sync.Once
-	kilnPath string
-	kilnErr  error
-)
-
-// Kiln builds the kiln CLI once and returns its path, with kiln-init beside
-// it (where the CLI looks for it).
-func Kiln(t testing.TB) string {
-	t.Helper()
-	initBin := KilnInit(t)
-	kilnOnce.Do(func() {
-		d, err := os.MkdirTemp(dir(t), "bin-")
-		if err != nil {
-			kilnErr = err
-			return
-		}
-		p := filepath.Join(d, "kiln")
-		if kilnErr = goBuild(t, p, "./cmd/kiln", nil); kilnErr != nil {
-			return
-		}
-		b, err := os.ReadFile(initBin)
-		if err == nil {
-			err = os.WriteFile(filepath.Join(d, "kiln-init"), b, 0o755)
-		}
-		kilnErr = err
-		kilnPath = p
-	})
-	if kilnErr != nil {
-		t.Fatal(kilnErr)
-	}
-	return kilnPath
-}
-
-// goBuild builds the main package pkg of this repository into out.
-func goBuild(t testing.TB, out, pkg string, env []string, flags ...string) error {
-	cmd := exec.Command("go", append(append([]string{"build"}, flags...), "-o", out, pkg)...)
-	cmd.Dir = RepoRoot(t)
-	cmd.Env = append(os.Environ(), env...)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build %s: %v\n%s", pkg, err, b)
-	}
-	return nil
 }
 
 // Children returns the PIDs of the live processes whose parent is pid.

@@ -1,4 +1,4 @@
-// Package vmm defines the driver interface kiln uses to run a microVM and detects the available CPU accelerator.
+// Package vmm defines the driver interface kiln uses to run a microVM, the registry of drivers, and detects the available CPU accelerator.
 package vmm
 
 import (
@@ -20,11 +20,6 @@ const (
 	TCG Accel = "tcg"
 )
 
-// DefaultCmdline is a kernel command line suitable for kiln guests: kernel
-// messages on the first serial port, an immediate reboot (which the VMM turns
-// into an exit) on panic, and little noise.
-const DefaultCmdline = "console=ttyS0 panic=-1 quiet loglevel=3"
-
 // ErrClosed is wrapped by Machine.Wait's error when the VMM was stopped by
 // Close rather than by the guest.
 var ErrClosed = errors.New("machine closed")
@@ -42,9 +37,12 @@ type Disk struct {
 type Config struct {
 	Kernel, Initrd, Cmdline string
 	MemoryMiB, VCPUs        int
-	Accel                   Accel  // "" = DetectAccel()
-	CPU                     string // "" = "host" under KVM, "max" under TCG
-	Disks                   []Disk // the first is /dev/vda
+	// Binary is the VMM program, a path or a name looked up on PATH; ""
+	// is the driver's default.
+	Binary string
+	Accel  Accel  // "" = DetectAccel()
+	CPU    string // "" = "host" under KVM, "max" under TCG
+	Disks  []Disk // the first is /dev/vda
 	// Ports names the virtio-serial ports, e.g. {"kiln.ctl","kiln.agent"};
 	// their host ends are returned by Machine.Port(name).
 	Ports []string
@@ -190,4 +188,14 @@ type Machine interface {
 	Pid() int
 	// Accel returns the accelerator the machine uses.
 	Accel() Accel
+	// Version returns the VMM's version ("qemu 7.2.19"): a snapshot made
+	// by one version is never restored by another.
+	Version(ctx context.Context) (string, error)
+	// Fingerprint returns a digest of the virtual hardware the machine
+	// presents to the guest (machine type, CPU model, devices, kernel
+	// command line), derived from what the driver actually builds and
+	// independent of host paths and of whether the machine boots, restores
+	// or is a snapshot source. Snapshots are keyed by it, so a snapshot of
+	// one machine type is never restored on another.
+	Fingerprint() string
 }

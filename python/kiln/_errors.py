@@ -2,6 +2,25 @@
 
 import concurrent.futures
 
+# ERROR_CODES are the endpoint's error_code values of a failed task, with
+# what each means. They mirror the Go definitions (package task's failure
+# kinds, then package apitype's own codes); a Go test holds this copy to
+# them.
+ERROR_CODES = {
+    "exception": "the function raised",
+    "bad_task": "the task could not run: bad source, missing function or library, undecodable arguments",
+    "too_large": "the result or its output was over its size cap",
+    "unserializable": "the function returned a value that neither JSON nor pickle can encode",
+    "timeout": "the task ran past its time limit and its VM was replaced",
+    "out_of_memory": "the guest ran out of memory",
+    "vm_died": "the VM crashed, powered off or stopped answering",
+    "vm_start_failed": "no VM could be booted or restored for the task",
+    "cancelled": "the task was cancelled while it ran",
+    "endpoint_restarted": "the endpoint stopped while the task ran",
+    "image_changed": "the image file changed after the function was registered",
+    "internal": "the endpoint failed (its log says why)",
+}
+
 
 class KilnError(Exception):
     """Base class of the SDK's own errors."""

@@ -19,6 +19,9 @@ type RunConfig struct {
 	AgentArgv []string          `json:"agent_argv,omitempty"`
 	Preload   []string          `json:"preload,omitempty"`
 	TmpfsMiB  int               `json:"tmpfs_mib,omitempty"`
+	// Stdin, in run mode, makes the command's fd 0 the host's Stdin frames
+	// on the ctl port (an empty frame ends the input); else /dev/null.
+	Stdin bool `json:"stdin,omitempty"`
 }
 
 // Modes of a RunConfig.

@@ -38,6 +38,7 @@ const (
 	Exit     Type = 0x05
 	Event    Type = 0x06
 	Log      Type = 0x07
+	Stdin    Type = 0x08
 	Ready    Type = 0x10
 	Task     Type = 0x11
 	Result   Type = 0x12
@@ -47,7 +48,7 @@ const (
 
 var typeNames = map[Type]string{
 	Hello: "hello", Config: "config", Stdout: "stdout", Stderr: "stderr", Exit: "exit",
-	Event: "event", Log: "log", Ready: "ready", Task: "task", Result: "result",
+	Event: "event", Log: "log", Stdin: "stdin", Ready: "ready", Task: "task", Result: "result",
 	Reseed: "reseed", Reseeded: "reseeded",
 }
 

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 )
 
 // Value encodings.
@@ -22,19 +23,41 @@ const (
 	KindRef    = "ref"
 	KindSource = "source"
 	KindPickle = "pickle"
+	// KindRun runs a command (Argv, Env) with the task's fds and returns
+	// {"code": exit status}: kiln run from a snapshot.
+	KindRun = "run"
 )
 
-// Error kinds of a failed Result.
+// Failure kinds: why a task failed. They are written once, here. The agent
+// reports the first four in Result.ErrorKind (agent.py spells the same
+// strings; a test holds it to these); the host adds the rest for failures
+// outside the function (package sandbox's Kind); the endpoint returns all
+// of them as a task's error_code, beside its own codes (package apitype),
+// and the Python SDK mirrors that list (checked by a test).
 const (
 	// ErrorException: the function raised (SystemExit and KeyboardInterrupt included).
 	ErrorException = "exception"
 	// ErrorBadTask: bad source, missing function or library, undecodable arguments.
 	ErrorBadTask = "bad_task"
-	// ErrorTooLarge: the serialized result was over Task.MaxResult.
+	// ErrorTooLarge: the serialized result or a frame was over its cap.
 	ErrorTooLarge = "too_large"
 	// ErrorUnserializable: the function returned a value that neither JSON nor pickle can encode.
 	ErrorUnserializable = "unserializable"
+	// ErrorTimeout: the task ran past its time limit; its VM was replaced.
+	ErrorTimeout = "timeout"
+	// ErrorOOM: the guest ran out of memory (MemoryError, or the kernel's OOM killer).
+	ErrorOOM = "out_of_memory"
+	// ErrorVMDied: the guest crashed, powered off or stopped answering.
+	ErrorVMDied = "vm_died"
+	// ErrorStart: no VM could be booted or restored for the task.
+	ErrorStart = "vm_start_failed"
 )
+
+// AgentErrorKinds are the kinds the agent itself reports.
+var AgentErrorKinds = []string{ErrorException, ErrorBadTask, ErrorTooLarge, ErrorUnserializable}
+
+// ErrorKinds are every failure kind of a task, in the order above.
+var ErrorKinds = append(append([]string(nil), AgentErrorKinds...), ErrorTimeout, ErrorOOM, ErrorVMDied, ErrorStart)
 
 // Default limits the agent applies when a Task leaves them zero.
 const (
@@ -125,6 +148,17 @@ type Task struct {
 	Pickler string `json:"pickler,omitempty"`
 	Args    *Value `json:"args,omitempty"`   // a list
 	Kwargs  *Value `json:"kwargs,omitempty"` // a dict
+	// Argv and Env are a run task's command and the variables added to the
+	// image's environment.
+	Argv []string          `json:"argv,omitempty"`
+	Env  map[string]string `json:"env,omitempty"`
+	// Stream asks the agent to send the task's fd 1 and fd 2 output as
+	// Stdout and Stderr frames while it runs (it is captured all the same,
+	// up to MaxOutput).
+	Stream bool `json:"stream,omitempty"`
+	// Stdin makes the task's fd 0 the host's Stdin frames (an empty frame
+	// ends the input) instead of /dev/null.
+	Stdin bool `json:"stdin,omitempty"`
 	// MaxOutput caps the captured stdout and stderr, each, in bytes (0: DefaultMaxOutput).
 	MaxOutput int `json:"max_output,omitempty"`
 	// MaxResult caps the serialized value in bytes (0: DefaultMaxResult).
@@ -142,6 +176,10 @@ func (t *Task) Validate() error {
 		if t.Source == "" {
 			return errors.New("source task needs source text")
 		}
+	case KindRun:
+		if len(t.Argv) == 0 || t.Argv[0] == "" {
+			return errors.New("run task needs a command (argv)")
+		}
 	case KindPickle:
 		if len(t.Pickle) == 0 {
 			return errors.New("pickle task needs pickle bytes")
@@ -152,7 +190,7 @@ func (t *Task) Validate() error {
 			return fmt.Errorf("unknown pickler %q (want cloudpickle, dill or pickle)", t.Pickler)
 		}
 	default:
-		return fmt.Errorf("unknown task kind %q (want ref, source or pickle)", t.Kind)
+		return fmt.Errorf("unknown task kind %q (want ref, source, pickle or run)", t.Kind)
 	}
 	for _, v := range []*Value{t.Args, t.Kwargs} {
 		if v != nil {
@@ -242,9 +280,7 @@ func DecodeResult(b []byte) (*Result, error) {
 		if r.Value != nil {
 			return nil, errors.New("decoding result: failed result carries a value")
 		}
-		switch r.ErrorKind {
-		case ErrorException, ErrorBadTask, ErrorTooLarge, ErrorUnserializable:
-		default:
+		if !slices.Contains(AgentErrorKinds, r.ErrorKind) {
 			return nil, fmt.Errorf("decoding result: unknown error kind %q", r.ErrorKind)
 		}
 	}

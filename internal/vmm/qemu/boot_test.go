@@ -226,8 +226,7 @@ func TestStartCancelled(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := countFDs(t)
-			m, err := New(vmm.Config{Kernel: kernelFile, MemoryMiB: 64, VCPUs: 1, Accel: vmm.TCG},
-				WithBinary(fakeQEMU(t, tc.script)))
+			m, err := New(vmm.Config{Kernel: kernelFile, MemoryMiB: 64, VCPUs: 1, Accel: vmm.TCG, Binary: fakeQEMU(t, tc.script)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -258,8 +257,7 @@ func TestStartCancelled(t *testing.T) {
 		})
 	}
 	t.Run("already-cancelled", func(t *testing.T) {
-		m, err := New(vmm.Config{Kernel: kernelFile, MemoryMiB: 64, VCPUs: 1, Accel: vmm.TCG},
-			WithBinary(fakeQEMU(t, "exec sleep 1000")))
+		m, err := New(withBinary(vmm.Config{Kernel: kernelFile, MemoryMiB: 64, VCPUs: 1, Accel: vmm.TCG}, fakeQEMU(t, "exec sleep 1000")))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -15,7 +15,8 @@ import (
 
 	"github.com/u-root/u-root/pkg/cpio"
 
-	"github.com/kiln-dev/kiln/internal/kernel"
+	"github.com/kiln-dev/kiln/internal/build/kernel"
+	"github.com/kiln-dev/kiln/internal/testutil"
 	"github.com/kiln-dev/kiln/internal/vmm"
 )
 
@@ -159,13 +160,24 @@ func writeInitramfs(k *kernel.Kernel, initBin, out string) (string, error) {
 	return out, f.Close()
 }
 
-// bootConfig is a config booting guestinit in the given mode.
+// testCmdline is the kernel command line of the driver's tests.
+const testCmdline = "console=ttyS0 panic=-1 quiet loglevel=3"
+
+// withBinary returns c running the QEMU binary bin.
+func withBinary(c vmm.Config, bin string) vmm.Config {
+	c.Binary = bin
+	return c
+}
+
+// bootConfig is a config booting guestinit in the given mode; the test
+// boots a VM, so it is gated with testutil.NeedQEMU.
 func bootConfig(t testing.TB, mode string) vmm.Config {
 	t.Helper()
+	testutil.NeedQEMU(t)
 	return vmm.Config{
 		Kernel:    testKernel(t).Vmlinuz,
 		Initrd:    testInitramfs(t),
-		Cmdline:   vmm.DefaultCmdline + " kilntest=" + mode,
+		Cmdline:   testCmdline + " kilntest=" + mode,
 		MemoryMiB: 256,
 		VCPUs:     1,
 		Log:       testLog(t),

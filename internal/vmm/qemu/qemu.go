@@ -4,6 +4,8 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,6 +26,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-dev/kiln/internal/vmm"
+
+	"github.com/google/renameio/v2"
 )
 
 // DefaultBinary is the QEMU binary looked up on PATH.
@@ -44,13 +49,14 @@ const (
 	portFD0   = firstFD + 2
 )
 
-// Option configures a Machine.
-type Option func(*Machine)
+// driver registers QEMU as the vmm driver "qemu".
+type driver struct{}
 
-// WithBinary sets the QEMU binary (a path, or a name looked up on PATH).
-func WithBinary(path string) Option {
-	return func(m *Machine) { m.binary = path }
-}
+func init() { vmm.Register(driver{}) }
+
+func (driver) Name() string { return "qemu" }
+
+func (driver) New(cfg vmm.Config) (vmm.Machine, error) { return New(cfg) }
 
 // Machine is a QEMU virtual machine. Create it with New.
 type Machine struct {
@@ -82,7 +88,7 @@ type Machine struct {
 var _ vmm.Machine = (*Machine)(nil)
 
 // New validates cfg and prepares a machine; no process runs until Start.
-func New(cfg vmm.Config, opts ...Option) (*Machine, error) {
+func New(cfg vmm.Config) (*Machine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -97,8 +103,8 @@ func New(cfg vmm.Config, opts ...Option) (*Machine, error) {
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
 	}
-	for _, o := range opts {
-		o(m)
+	if cfg.Binary != "" {
+		m.binary = cfg.Binary
 	}
 	bin, err := exec.LookPath(m.binary)
 	if err != nil {
@@ -224,6 +230,61 @@ func (m *Machine) Args() []string {
 		a = append(a, "-incoming", "defer")
 	}
 	return a
+}
+
+// Fingerprint returns a digest of the machine as the guest sees it: the
+// argv Start runs, with host paths, the RAM file's sharing mode and
+// -incoming left out, so a snapshot source, its restores and a later
+// process computing a snapshot key all agree.
+func (m *Machine) Fingerprint() string {
+	c := m.cfg
+	const path = "<path>"
+	c.Kernel = path
+	if c.Initrd != "" {
+		c.Initrd = path
+	}
+	if c.RAMFile != "" {
+		c.RAMFile = path
+	}
+	c.RAMShared, c.Incoming = false, false
+	c.Disks = slices.Clone(c.Disks)
+	for i := range c.Disks {
+		c.Disks[i].Path, c.Disks[i].Offset, c.Disks[i].Size = path, 0, 0
+	}
+	n := &Machine{cfg: c, binary: "qemu", accel: m.accel, cpu: m.cpu}
+	h := sha256.Sum256([]byte(strings.Join(n.Args(), "\x00")))
+	return "qemu-" + hex.EncodeToString(h[:8])
+}
+
+var versions sync.Map // binary path → version line
+
+// Version returns the first line of `qemu --version` of the machine's
+// binary (cached per binary for the life of the process).
+func (m *Machine) Version(ctx context.Context) (string, error) { return Version(ctx, m.binary) }
+
+// Version runs `<binary> --version` and returns the first line of its
+// output, e.g. "QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u13)".
+// Results are cached per binary path for the life of the process.
+func Version(ctx context.Context, binary string) (string, error) {
+	if v, ok := versions.Load(binary); ok {
+		return v.(string), nil
+	}
+	var out, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, binary, "--version")
+	cmd.Stdout, cmd.Stderr = &out, &stderr
+	if err := cmd.Run(); err != nil {
+		if errors.Is(err, exec.ErrNotFound) {
+			return "", fmt.Errorf("running %s --version: %w (install qemu-system-x86)", binary, err)
+		}
+		return "", fmt.Errorf("running %s --version: %w: %s", binary, err, strings.TrimSpace(stderr.String()))
+	}
+	line, _, _ := strings.Cut(out.String(), "\n")
+	line = strings.TrimSpace(line)
+	if line == "" {
+		return "", fmt.Errorf("running %s --version: no output", binary)
+	}
+	versions.Store(binary, line)
+	return line, nil
 }
 
 // jsonArg encodes v for QEMU's JSON option syntax (-object, -device,
@@ -599,16 +660,11 @@ func (m *Machine) SaveState(ctx context.Context, path string) (err error) {
 	if err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	f, err := renameio.NewPendingFile(path, renameio.WithTempDir(filepath.Dir(path)))
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
+	defer f.Cleanup()
 	if err := setIgnoreShared(ctx, q); err != nil {
 		return err
 	}
@@ -631,13 +687,7 @@ func (m *Machine) SaveState(ctx context.Context, path string) (err error) {
 		cancel()
 		return err
 	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
+	if err := f.CloseAtomicallyReplace(); err != nil {
 		return err
 	}
 	if d, err := os.Open(filepath.Dir(path)); err == nil {

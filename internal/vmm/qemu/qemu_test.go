@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/kiln-dev/kiln/internal/testutil"
 	"github.com/kiln-dev/kiln/internal/vmm"
 )
 
@@ -56,7 +58,7 @@ func TestArgs(t *testing.T) {
 		},
 		{
 			name: "kvm-two-cpus",
-			cfg:  vmm.Config{Kernel: kernel, Initrd: initrd, Cmdline: vmm.DefaultCmdline, MemoryMiB: 512, VCPUs: 2, Accel: vmm.KVM},
+			cfg:  vmm.Config{Kernel: kernel, Initrd: initrd, Cmdline: testCmdline, MemoryMiB: 512, VCPUs: 2, Accel: vmm.KVM},
 			want: cat(s(bin), common,
 				s("-machine", "q35,sata=off,smbus=off,vmport=off,i8042=off", "-accel", "kvm", "-cpu", "host", "-m", "512M", "-smp", "2",
 					"-kernel", kernel, "-initrd", initrd, "-append", "console=ttyS0 panic=-1 quiet loglevel=3"),
@@ -95,7 +97,7 @@ func TestArgs(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			m, err := New(tc.cfg, WithBinary(bin))
+			m, err := New(withBinary(tc.cfg, bin))
 			if err != nil {
 				t.Fatalf("New: %v", err)
 			}
@@ -119,16 +121,16 @@ func TestNewErrors(t *testing.T) {
 	if err == nil || err.Error() != want {
 		t.Errorf("New without qemu on PATH = %v, want %q", err, want)
 	}
-	_, err = New(cfg, WithBinary("/nonexistent/qemu"))
+	_, err = New(withBinary(cfg, "/nonexistent/qemu"))
 	if err == nil || !strings.Contains(err.Error(), "/nonexistent/qemu") {
-		t.Errorf("New(WithBinary(/nonexistent/qemu)) = %v, want an error naming the path", err)
+		t.Errorf("New(Binary: /nonexistent/qemu) = %v, want an error naming the path", err)
 	}
 	bad := cfg
 	bad.VCPUs = 0
-	if _, err := New(bad, WithBinary("/bin/true")); err == nil || !strings.Contains(err.Error(), "vCPUs") {
+	if _, err := New(withBinary(bad, "/bin/true")); err == nil || !strings.Contains(err.Error(), "vCPUs") {
 		t.Errorf("New(invalid config) = %v, want the validation error", err)
 	}
-	m, err := New(cfg, WithBinary("/bin/true"))
+	m, err := New(withBinary(cfg, "/bin/true"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,5 +173,75 @@ func TestRing(t *testing.T) {
 				t.Errorf("Bytes() = %q, want %q", got, tc.want)
 			}
 		})
+	}
+}
+
+func TestVersion(t *testing.T) {
+	testutil.NeedQEMU(t)
+	v, err := Version(context.Background(), "qemu-system-x86_64")
+	if err != nil {
+		t.Fatalf("Version: %v", err)
+	}
+	if !strings.HasPrefix(v, "QEMU emulator version ") || strings.Contains(v, "\n") {
+		t.Errorf("Version = %q, want one line starting with \"QEMU emulator version \"", v)
+	}
+	if _, err := Version(context.Background(), "/nonexistent/qemu-system-x86_64"); err == nil {
+		t.Error("Version(missing binary) succeeded, want an error")
+	}
+	if _, err := Version(context.Background(), "kiln-no-such-qemu"); err == nil || !strings.Contains(err.Error(), "install qemu-system-x86") {
+		t.Errorf("Version(not on PATH) = %v, want a hint to install qemu-system-x86", err)
+	}
+}
+
+// TestFingerprint: a snapshot source and its restores, at other paths, have
+// one fingerprint; a change to what the guest sees changes it.
+func TestFingerprint(t *testing.T) {
+	dir := t.TempDir()
+	file := func(name string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, make([]byte, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	base := vmm.Config{Kernel: file("k1"), Initrd: file("i1"), Cmdline: testCmdline, MemoryMiB: 256, VCPUs: 1, Accel: vmm.TCG,
+		Ports: []string{"kiln.ctl", "kiln.agent"}, Disks: []vmm.Disk{{Path: file("d1"), Offset: 4096, Size: 8192, ReadOnly: true}},
+		RAMFile: filepath.Join(dir, "ram1"), RAMShared: true, Binary: "/bin/true"}
+	fp := func(c vmm.Config) string {
+		t.Helper()
+		m, err := New(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m.Fingerprint()
+	}
+	want := fp(base)
+	same := map[string]func(c *vmm.Config){
+		"restore": func(c *vmm.Config) { c.RAMShared, c.Incoming = false, true },
+		"other paths": func(c *vmm.Config) {
+			c.Kernel, c.Initrd, c.RAMFile = file("k2"), file("i2"), filepath.Join(dir, "ram2")
+			c.Disks = []vmm.Disk{{Path: file("d2"), Offset: 8192, Size: 4096, ReadOnly: true}}
+		},
+	}
+	for name, mut := range same {
+		c := base
+		mut(&c)
+		if got := fp(c); got != want {
+			t.Errorf("Fingerprint(%s) = %s, want %s (the same machine)", name, got, want)
+		}
+	}
+	differ := map[string]func(c *vmm.Config){
+		"cmdline":     func(c *vmm.Config) { c.Cmdline += " quiet" },
+		"ports":       func(c *vmm.Config) { c.Ports = []string{"kiln.ctl"} },
+		"cpu":         func(c *vmm.Config) { c.CPU = "Haswell" },
+		"no RAM file": func(c *vmm.Config) { c.RAMFile, c.RAMShared = "", false },
+		"two disks":   func(c *vmm.Config) { c.Disks = append(c.Disks, vmm.Disk{Path: c.Disks[0].Path}) },
+	}
+	for name, mut := range differ {
+		c := base
+		mut(&c)
+		if got := fp(c); got == want {
+			t.Errorf("Fingerprint(%s) = %s, the same as the base machine's; want a different one", name, got)
+		}
 	}
 }

@@ -65,17 +65,16 @@ func testSnapshotRestore(t *testing.T, ramFile bool) {
 	if fi, err := os.Stat(state); err != nil || fi.Size() == 0 {
 		t.Fatalf("state file: %v, %v", fi, err)
 	}
-	if ents, _ := filepath.Glob(filepath.Join(dir, ".*tmp*")); len(ents) != 0 {
+	if ents, _ := filepath.Glob(filepath.Join(dir, ".*")); len(ents) != 0 {
 		t.Errorf("temp files left: %v", ents)
 	}
-	// The console may still be delivering the last lines; they are in
-	// the saved state anyway, so settle before reading it.
-	time.Sleep(200 * time.Millisecond)
+	// The console may still be delivering the last lines (they are in the
+	// saved state anyway): Close returns once the console is drained.
+	src.Close()
 	_, before, tokens := counts(t, src.Console())
 	if len(tokens) != 1 {
 		t.Fatalf("source console has tokens %v, want one", tokens)
 	}
-	src.Close()
 	var ramInfo os.FileInfo
 	if ramFile {
 		var err error
