@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what kiln needs on Debian 12 (run as root, or with sudo available).
 set -euo pipefail
-pkgs=(qemu-system-x86 erofs-utils squashfs-tools python3 python3-numpy python3-pip python3-venv
-      ca-certificates gcc libc6-dev bubblewrap fuse3 cpio make git)
+# The second line builds kiln's own guest kernel (kiln kernel build) from
+# Debian's linux-source, which kiln downloads but never installs.
+pkgs=(qemu-system-x86 erofs-utils squashfs-tools python3 python3-numpy python3-pip python3-venv libpython3.11-testsuite
+      ca-certificates gcc libc6-dev bubblewrap fuse3 cpio make git
+      flex bison bc libelf-dev xz-utils binutils perl)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

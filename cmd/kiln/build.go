@@ -18,7 +18,9 @@ func newBuildCmd(a *app) *cobra.Command {
 		Short: "Build one image file from a kiln.toml spec",
 		Long: `Build turns a spec of Python dependencies into ONE image file holding the
 interpreter, standard library, packages, their native libraries, a kernel and
-kiln's init. PATH is a directory holding kiln.toml, or the spec file itself
+kiln's init. The kernel is kiln's own (kernel = "minimal", the default: built
+once per machine, several minutes the first time, then cached) or Debian's
+cloud kernel (kernel = "debian"). PATH is a directory holding kiln.toml, or the spec file itself
 (default: the current directory). Building the same spec twice gives
 byte-identical images.`,
 		Example: `  kiln build examples/numpy -o numpy.kimg
@@ -41,6 +43,7 @@ byte-identical images.`,
 				p = newProgress(a.stdout)
 			}
 			o.Progress = p.step
+			o.Tick = plainTicker(p)
 			res, err := build.Build(cmd.Context(), s, o)
 			if err != nil {
 				p.fail()
@@ -60,7 +63,7 @@ byte-identical images.`,
 	f := cmd.Flags()
 	f.StringVarP(&o.Output, "output", "o", "", "image file to write (default <name>.kimg)")
 	f.StringVar(&o.Compression, "compression", "", "rootfs compression: none, lz4 or lz4hc (default: the spec's, else lz4hc)")
-	f.StringVar(&o.Kernel, "kernel", "", "use this kernel bzImage instead of Debian's cloud kernel (needs --modules)")
+	f.StringVar(&o.Kernel, "kernel", "", "use this kernel bzImage instead of the spec's kernel (needs --modules)")
 	f.StringVar(&o.Modules, "modules", "", "the lib/modules/<version> directory that goes with --kernel")
 	f.StringVar(&o.Init, "init", "", "kiln-init binary (default: $KILN_INIT, or kiln-init next to kiln)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON (progress goes to stderr)")

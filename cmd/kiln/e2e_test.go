@@ -75,6 +75,9 @@ func TestBuildReproducible(t *testing.T) {
 		if !strings.Contains(stdout, "digest sha256:") {
 			t.Errorf("kiln build stdout = %q, want a digest line", stdout)
 		}
+		if i > 0 && strings.Contains(stdout, "kernel: compile") {
+			t.Errorf("kiln build #2 stdout = %q, want it to reuse the cached kernel, not compile one", stdout)
+		}
 		sums = append(sums, sha(t, out))
 	}
 	if sums[0] != sums[1] {
@@ -214,7 +217,7 @@ func TestInspect(t *testing.T) {
 	if err != nil {
 		t.Fatalf("kiln inspect error = %v", err)
 	}
-	for _, w := range []string{"numpy", "3.11", "cloud-amd64", "rootfs", "erofs/lz4hc"} {
+	for _, w := range []string{"numpy", "3.11", "kernel          minimal 6.1.", "linux-source-6.1", "kernel config   sha256:", "none (all built in)", "microvm machine", "rootfs", "erofs/lz4hc"} {
 		if !strings.Contains(stdout, w) {
 			t.Errorf("kiln inspect output lacks %q:\n%s", w, stdout)
 		}
@@ -227,9 +230,17 @@ func TestInspect(t *testing.T) {
 		Manifest struct {
 			Distributions []struct{ Name, Version string }
 		}
+		Kernel struct {
+			Kind         string `json:"kind"`
+			ConfigDigest string `json:"config_digest"`
+			Machine      string `json:"machine"`
+		}
 	}
 	if err := json.Unmarshal([]byte(stdout), &doc); err != nil {
 		t.Fatalf("kiln inspect --json is not JSON: %v", err)
+	}
+	if k := doc.Kernel; k.Kind != "minimal" || len(k.ConfigDigest) != 64 || k.Machine != "microvm" {
+		t.Errorf("kiln inspect --json kernel = %+v, want kind minimal, a sha256 config digest, machine microvm", k)
 	}
 	found := false
 	for _, d := range doc.Manifest.Distributions {

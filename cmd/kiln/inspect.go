@@ -9,13 +9,14 @@ import (
 
 	"github.com/kiln-dev/kiln/internal/image"
 	"github.com/kiln-dev/kiln/internal/size"
+	"github.com/kiln-dev/kiln/internal/vm"
 )
 
 func newInspectCmd(a *app) *cobra.Command {
 	var asJSON, verify bool
 	cmd := &cobra.Command{
 		Use:     "inspect IMAGE",
-		Short:   "Print an image's manifest: python, packages, kernel, parts and digests",
+		Short:   "Print an image's manifest: python, packages, kernel (kind, version, config digest), parts and digests",
 		Example: "  kiln inspect numpy.kimg\n  kiln inspect numpy.kimg --json | jq '.manifest.distributions'",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -29,7 +30,8 @@ func newInspectCmd(a *app) *cobra.Command {
 				}
 			}
 			if asJSON {
-				return a.printJSON(map[string]any{"path": img.Path, "digest": img.Digest, "size": img.Size, "parts": img.Parts, "manifest": img.Manifest})
+				return a.printJSON(map[string]any{"path": img.Path, "digest": img.Digest, "size": img.Size, "parts": img.Parts, "manifest": img.Manifest,
+					"kernel": map[string]string{"kind": img.Manifest.KernelKind(), "version": img.Manifest.Kernel.Version, "config_digest": img.Manifest.Kernel.ConfigDigest, "machine": vm.MachineFor(img.Manifest)}})
 			}
 			m := img.Manifest
 			w := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
@@ -38,9 +40,21 @@ func newInspectCmd(a *app) *cobra.Command {
 			fmt.Fprintf(w, "digest\tsha256:%s\n", img.Digest)
 			fmt.Fprintf(w, "size\t%s\n", size.Format(img.Size))
 			fmt.Fprintf(w, "python\t%s (%s)\n", m.Python.Version, m.Python.Executable)
-			fmt.Fprintf(w, "kernel\t%s %s\n", m.Kernel.Version, strings.Join(m.Kernel.Modules, ","))
+			kern := m.KernelKind() + " " + m.Kernel.Version
+			if m.Kernel.Package != "" {
+				kern += " (" + m.Kernel.Package + " " + m.Kernel.PackageVersion + ")"
+			}
+			fmt.Fprintf(w, "kernel\t%s\n", kern)
+			if m.Kernel.ConfigDigest != "" {
+				fmt.Fprintf(w, "kernel config\tsha256:%s\n", m.Kernel.ConfigDigest)
+			}
+			if len(m.Kernel.Modules) > 0 {
+				fmt.Fprintf(w, "kernel modules\t%s\n", strings.Join(m.Kernel.Modules, ","))
+			} else {
+				fmt.Fprintf(w, "kernel modules\tnone (all built in)\n")
+			}
 			fmt.Fprintf(w, "rootfs\t%s/%s, %d files, %s uncompressed\n", m.Rootfs.Filesystem, m.Rootfs.Compression, m.Rootfs.Files, size.Format(m.Rootfs.TreeBytes))
-			fmt.Fprintf(w, "vm\t%d MiB, %d vcpus\n", m.MemoryMiB, m.VCPUs)
+			fmt.Fprintf(w, "vm\t%d MiB, %d vcpus, %s machine\n", m.MemoryMiB, m.VCPUs, vm.MachineFor(m))
 			if len(m.Command) > 0 {
 				fmt.Fprintf(w, "command\t%s\n", strings.Join(m.Command, " "))
 			}

@@ -74,7 +74,7 @@ boots it as a single-purpose microVM on QEMU (KVM when available, TCG otherwise)
 		id, title string
 		cmds      []*cobra.Command
 	}{
-		{"images", "Images:", []*cobra.Command{newBuildCmd(a), newInspectCmd(a)}},
+		{"images", "Images:", []*cobra.Command{newBuildCmd(a), newInspectCmd(a), newKernelCmd(a)}},
 		{"running", "Running:", []*cobra.Command{newRunCmd(a), newInvokeCmd(a), newSnapshotCmd(a)}},
 		{"serving", "Serving:", []*cobra.Command{newServeCmd(a), newSubmitCmd(a), newResultCmd(a)}},
 		{"experiments", "Experiments:", []*cobra.Command{newBenchCmd(a)}},

@@ -2,10 +2,12 @@ package build
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"os"
@@ -33,15 +35,21 @@ type Options struct {
 	Compression string // "" = the spec's, else lz4hc
 	// Filesystem is the root filesystem: "" or "erofs" (the default), or
 	// "squashfs" (zstd; for comparisons, see docs/benchmarks.md).
-	Filesystem  string
-	Kernel      string // --kernel: a bzImage to use instead of Debian's cloud kernel
-	Modules     string // --modules: its lib/modules/<version> directory
+	Filesystem string
+	Kernel     string // --kernel: a bzImage to use instead of the spec's kernel
+	Modules    string // --modules: its lib/modules/<version> directory
+	// KernelKind overrides the spec's kernel key: "minimal" or "debian"
+	// ("" = the spec's).
+	KernelKind  string
 	Init        string // the kiln-init binary; "" = FindInit()
 	KilnVersion string
 	Log         *slog.Logger
 	// Progress, when set, is called when a step starts (done false) and
 	// when it ends (done true) with a short detail such as a size.
 	Progress func(step string, done bool, detail string)
+	// Tick, when set, gets news of a long step while it runs (the
+	// compile step of kiln's kernel, on the first build on a machine).
+	Tick func(step, detail string)
 }
 
 // Result describes a built image.
@@ -158,6 +166,20 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 		return ctx.Err()
 	}
 
+	// The kernel first: kiln's own is built once per machine (minutes,
+	// with its own progress steps), then it is a cache lookup.
+	var k *kernel.Kernel
+	kind := kernelKind(s, o)
+	switch kind {
+	case kernel.KindMinimal:
+		if k, err = kernel.Minimal(ctx, kernel.BuildOptions{Log: log, Progress: o.Progress, Tick: o.Tick}); err != nil {
+			return nil, err
+		}
+	case kernel.KindDebian, kernel.KindLocal:
+	default:
+		return nil, fmt.Errorf("unknown kernel %q: use minimal or debian", kind)
+	}
+
 	var st *Stage
 	tree := filepath.Join(work, "rootfs")
 	if err := step("stage rootfs", func() (string, error) {
@@ -199,20 +221,20 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 	}); err != nil {
 		return nil, err
 	}
-	var k *kernel.Kernel
 	if err := step("kernel", func() (string, error) {
-		if o.Kernel != "" || o.Modules != "" {
+		switch {
+		case o.Kernel != "" || o.Modules != "":
 			if o.Kernel == "" || o.Modules == "" {
 				return "", errors.New("--kernel and --modules go together: give the bzImage and its lib/modules/<version> directory")
 			}
 			k, err = kernel.Local(o.Kernel, o.Modules)
-		} else {
+		case kind == kernel.KindDebian:
 			k, err = kernel.Fetch(ctx, log)
 		}
 		if err != nil {
 			return "", err
 		}
-		return k.Version, nil
+		return k.Kind + " " + k.Version, nil
 	}); err != nil {
 		return nil, err
 	}
@@ -234,6 +256,9 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 		if err := f.Close(); err != nil {
 			return "", err
 		}
+		if len(mods) == 0 {
+			return "kiln-init only, " + fileSize(initrd), nil
+		}
 		return fmt.Sprintf("%d modules, %s", len(mods), fileSize(initrd)), nil
 	}); err != nil {
 		return nil, err
@@ -251,8 +276,8 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 		Format:      image.FormatVersion,
 		Name:        s.Name,
 		Spec:        &ms,
-		Python:      image.Python{Version: st.PythonVersion, Executable: st.PythonExe, Debian: st.Debian},
-		Kernel:      image.Kernel{Version: k.Version, Package: k.Package, PackageVersion: k.PackageVersion},
+		Python:      image.Python{Version: st.PythonVersion, Executable: st.PythonExe, Debian: st.Debian, Modules: st.Modules},
+		Kernel:      image.Kernel{Kind: k.Kind, Version: k.Version, Package: k.Package, PackageVersion: k.PackageVersion, ConfigDigest: k.ConfigDigest},
 		Rootfs:      image.Rootfs{Filesystem: fsType, Compression: comp, Files: st.Files, TreeBytes: st.TreeBytes},
 		Command:     s.Command,
 		Env:         s.Env,
@@ -268,6 +293,18 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 	for _, mod := range mods {
 		m.Kernel.Modules = append(m.Kernel.Modules, mod.Name)
 	}
+	kernelPart := k.Vmlinuz
+	if k.Kind == kernel.KindMinimal {
+		// An uncompressed vmlinux is mostly zero padding between its
+		// 2 MiB-aligned segments: the image stores it gzipped, and
+		// BootFiles decodes it once per image.
+		kernelPart = filepath.Join(work, "kernel.gz")
+		n, err := gzipFile(k.Vmlinuz, kernelPart)
+		if err != nil {
+			return nil, fmt.Errorf("compressing the kernel: %w", err)
+		}
+		m.Kernel.Encoding, m.Kernel.Size = image.KernelGzip, n
+	}
 	if err := step("write image", func() (string, error) {
 		if dir := filepath.Dir(out); dir != "" {
 			if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -275,7 +312,7 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 			}
 		}
 		d, err := image.Create(out, m, []image.PartSource{
-			{Name: image.PartKernel, Path: k.Vmlinuz},
+			{Name: image.PartKernel, Path: kernelPart},
 			{Name: image.PartInitramfs, Path: initrd},
 			{Name: image.PartRootfs, Path: rootfs},
 		})
@@ -294,6 +331,21 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 	res.Size = fi.Size()
 	res.Manifest = m
 	return res, nil
+}
+
+// kernelKind is the kernel an image gets: Options.KernelKind, else the
+// spec's kernel key, else spec.DefaultKernel. --kernel/--modules override
+// all three (KindLocal).
+func kernelKind(s *spec.Spec, o Options) string {
+	switch {
+	case o.Kernel != "" || o.Modules != "":
+		return kernel.KindLocal
+	case o.KernelKind != "":
+		return o.KernelKind
+	case s.Kernel != "":
+		return s.Kernel
+	}
+	return spec.DefaultKernel
 }
 
 // checkResources refuses a spec whose memory this host cannot give a VM
@@ -361,6 +413,33 @@ func checkPreload(ctx context.Context, s *spec.Spec, tree, python string, log *s
 		return "", fmt.Errorf("kiln.toml: key \"preload\": the image cannot import %s: fix preload, or add the package that provides the module", strings.Join(msgs, "; "))
 	}
 	return fmt.Sprintf("%d modules import", len(s.Preload)), nil
+}
+
+// gzipFile compresses src into dst, reproducibly (no name, no time, a
+// fixed level), and returns src's size.
+func gzipFile(src, dst string) (int64, error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return 0, err
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		return 0, err
+	}
+	defer out.Close()
+	zw, err := gzip.NewWriterLevel(out, gzip.BestCompression)
+	if err != nil {
+		return 0, err
+	}
+	n, err := io.Copy(zw, in)
+	if err != nil {
+		return 0, err
+	}
+	if err := zw.Close(); err != nil {
+		return 0, err
+	}
+	return n, out.Close()
 }
 
 func fileSize(p string) string {

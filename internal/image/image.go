@@ -74,6 +74,10 @@ type Python struct {
 	Version    string `json:"version"`    // "3.11.2"
 	Executable string `json:"executable"` // guest path, e.g. /usr/bin/python3.11
 	Debian     bool   `json:"debian"`     // Debian's own interpreter
+	// Modules are the top-level modules of the image's packages (not the
+	// standard library): clients send a function of one of these by
+	// reference rather than by source.
+	Modules []string `json:"modules,omitempty"`
 }
 
 // Distribution is one installed Python distribution or Debian package.
@@ -85,10 +89,36 @@ type Distribution struct {
 
 // Kernel describes the guest kernel.
 type Kernel struct {
-	Version        string   `json:"version"`
-	Package        string   `json:"package"`
-	PackageVersion string   `json:"package_version"`
-	Modules        []string `json:"modules"` // module names in load order
+	// Kind is "minimal" (kiln's own kernel, built from its config
+	// fragment), "debian" (Debian's cloud kernel) or "local" (--kernel);
+	// "" in images built before kiln had its own kernel (see KernelKind).
+	Kind           string `json:"kind,omitempty"`
+	Version        string `json:"version"`
+	Package        string `json:"package"`                 // the Debian package it came from (linux-image-… or linux-source-…)
+	PackageVersion string `json:"package_version"`         // that package's version
+	ConfigDigest   string `json:"config_digest,omitempty"` // sha256 hex of the kernel's .config, when known
+	// Encoding is how the kernel part is stored: "" as is (a bzImage), or
+	// KernelGzip (an uncompressed vmlinux for PVH boot is mostly zero
+	// padding between 2 MiB-aligned segments). BootFiles decodes it.
+	Encoding string `json:"encoding,omitempty"`
+	// Size is the decoded kernel's size in bytes, when Encoding is set.
+	Size    int64    `json:"size,omitempty"`
+	Modules []string `json:"modules"` // module names in load order; none for a module-less kernel
+}
+
+// KernelGzip is Kernel.Encoding for a gzip-compressed kernel part.
+const KernelGzip = "gzip"
+
+// KernelKind returns the kernel's kind; for images that predate the
+// field, "debian" (or "local" when no package is recorded).
+func (m *Manifest) KernelKind() string {
+	switch {
+	case m.Kernel.Kind != "":
+		return m.Kernel.Kind
+	case m.Kernel.Package == "":
+		return "local"
+	}
+	return "debian"
 }
 
 // Rootfs describes the root filesystem part.

@@ -2,6 +2,7 @@ package image
 
 import (
 	"bytes"
+	"compress/gzip"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -470,4 +471,62 @@ func FuzzOpen(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestBootFilesGzipKernel: a gzip-encoded kernel part (kiln's vmlinux) is
+// decoded into the boot cache, and a damaged or mis-sized one is refused.
+func TestBootFilesGzipKernel(t *testing.T) {
+	t.Setenv("KILN_CACHE", filepath.Join(t.TempDir(), "cache"))
+	dir := t.TempDir()
+	vmlinux := append(pattern(7, 3000), make([]byte, 1<<20)...) // mostly zeros, like a PVH vmlinux
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(vmlinux)
+	zw.Close()
+	write := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	parts := []PartSource{
+		{Name: PartKernel, Path: write("kernel.gz", gz.Bytes())},
+		{Name: PartInitramfs, Path: write("initrd", pattern(2, 100))},
+		{Name: PartRootfs, Path: write("rootfs", pattern(3, 4096))},
+	}
+	for _, tc := range []struct {
+		name    string
+		size    int64
+		wantErr bool
+	}{
+		{"ok", int64(len(vmlinux)), false},
+		{"wrong size", int64(len(vmlinux)) - 1, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := testManifest()
+			m.Kernel.Encoding, m.Kernel.Size = KernelGzip, tc.size
+			path := filepath.Join(dir, tc.name+".kimg")
+			if _, err := Create(path, m, parts); err != nil {
+				t.Fatal(err)
+			}
+			img, err := Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			k, _, err := img.BootFiles()
+			if tc.wantErr {
+				if !errors.Is(err, ErrCorrupt) {
+					t.Fatalf("BootFiles() error = %v, want ErrCorrupt", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("BootFiles() error = %v", err)
+			}
+			if got, err := os.ReadFile(k); err != nil || !bytes.Equal(got, vmlinux) {
+				t.Errorf("BootFiles() kernel = %d bytes (%v), want the %d decoded bytes", len(got), err, len(vmlinux))
+			}
+		})
+	}
 }

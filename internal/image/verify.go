@@ -1,6 +1,7 @@
 package image
 
 import (
+	"compress/gzip"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -120,6 +121,47 @@ func (img *Image) Extract(name, dst string) (err error) {
 	return nil
 }
 
+// extractGzip writes the gzip-decoded bytes of part name to dst
+// atomically, checking the part's digest and the decoded size.
+func (img *Image) extractGzip(name, dst string, size int64) error {
+	p, ok := img.Part(name)
+	if !ok {
+		return fmt.Errorf("extracting %s: image has no such part", name)
+	}
+	f, err := os.Open(img.Path)
+	if err != nil {
+		return fmt.Errorf("extracting %s: %w", name, err)
+	}
+	defer f.Close()
+	tmp, err := renameio.NewPendingFile(dst, renameio.WithTempDir(filepath.Dir(dst)), renameio.WithStaticPermissions(0o644))
+	if err != nil {
+		return fmt.Errorf("extracting %s: %w", name, err)
+	}
+	defer tmp.Cleanup()
+	h := sha256.New()
+	if _, err := io.Copy(h, io.NewSectionReader(f, p.Offset, p.Size)); err != nil {
+		return fmt.Errorf("extracting %s: %w", name, err)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != p.SHA256 {
+		return corrupt(img.Path, "part %s sha256 mismatch (file damaged), rebuild it with kiln build", name)
+	}
+	zr, err := gzip.NewReader(io.NewSectionReader(f, p.Offset, p.Size))
+	if err != nil {
+		return corrupt(img.Path, "part %s is not gzip data: %v; rebuild it with kiln build", name, err)
+	}
+	n, err := io.Copy(tmp, io.LimitReader(zr, size+1))
+	if err != nil {
+		return corrupt(img.Path, "decoding part %s: %v; rebuild it with kiln build", name, err)
+	}
+	if n != size {
+		return corrupt(img.Path, "part %s decodes to %d bytes, the manifest says %d; rebuild it with kiln build", name, n, size)
+	}
+	if err := tmp.CloseAtomicallyReplace(); err != nil {
+		return fmt.Errorf("extracting %s: %w", name, err)
+	}
+	return nil
+}
+
 // BootFiles returns the paths of the image's kernel and initramfs, extracting
 // them once into <cache>/boot/<digest>/.
 func (img *Image) BootFiles() (kernel, initramfs string, err error) {
@@ -137,12 +179,25 @@ func (img *Image) BootFiles() (kernel, initramfs string, err error) {
 		if !ok {
 			return "", "", corrupt(img.Path, "no %s part", name)
 		}
-		if fi, err := os.Stat(paths[i]); err == nil && fi.Mode().IsRegular() && fi.Size() == p.Size {
+		want, gz := p.Size, false
+		if name == PartKernel && img.Manifest != nil && img.Manifest.Kernel.Encoding != "" {
+			if img.Manifest.Kernel.Encoding != KernelGzip {
+				return "", "", corrupt(img.Path, "unknown kernel encoding %q (a newer kiln built it?)", img.Manifest.Kernel.Encoding)
+			}
+			want, gz = img.Manifest.Kernel.Size, true
+		}
+		if fi, err := os.Stat(paths[i]); err == nil && fi.Mode().IsRegular() && fi.Size() == want {
 			continue
 		} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return "", "", fmt.Errorf("checking boot cache: %w", err)
 		}
-		if err := img.Extract(name, paths[i]); err != nil {
+		var err error
+		if gz {
+			err = img.extractGzip(name, paths[i], want)
+		} else {
+			err = img.Extract(name, paths[i])
+		}
+		if err != nil {
 			return "", "", err
 		}
 	}

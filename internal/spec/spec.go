@@ -27,6 +27,9 @@ const (
 	DefaultMemory      = "512M"
 	DefaultVCPUs       = 1
 	DefaultCompression = "lz4hc"
+	// DefaultKernel is kiln's own kernel: built once per machine, it boots
+	// in a fraction of the time of Debian's (docs/design.md, "Kernels").
+	DefaultKernel = "minimal"
 	// DebianPython is Debian's own interpreter, the default when Debian packages are used.
 	DebianPython = "/usr/bin/python3"
 	// PathPython is the default interpreter otherwise, resolved on PATH by the builder.
@@ -56,6 +59,7 @@ type Spec struct {
 	Preload          []string          `toml:"preload" json:"preload,omitempty"`
 	Keep             []string          `toml:"keep" json:"keep,omitempty"`
 	Compression      string            `toml:"compression" json:"compression,omitempty"`
+	Kernel           string            `toml:"kernel" json:"kernel,omitempty"`
 	Dir              string            `toml:"-" json:"-"`
 }
 
@@ -64,6 +68,10 @@ var KeepNames = []string{"tests", "test", "idlelib", "tkinter", "ensurepip", "co
 
 // Compressions are the accepted values of Spec.Compression.
 var Compressions = []string{"none", "lz4", "lz4hc"}
+
+// Kernels are the accepted values of Spec.Kernel: kiln's own module-less
+// kernel, or Debian's cloud kernel with its modules.
+var Kernels = []string{"minimal", "debian"}
 
 // Error is one problem in a spec. File and Line are set when the problem
 // could be located in the source text.
@@ -101,10 +109,11 @@ type rawSpec struct {
 	Preload      []string          `toml:"preload"`
 	Keep         []string          `toml:"keep"`
 	Compression  *string           `toml:"compression"`
+	Kernel       *string           `toml:"kernel"`
 }
 
 var knownKeys = []string{"name", "python", "debian", "requirements", "pip_args", "files", "env",
-	"command", "memory", "vcpus", "preload", "keep", "compression"}
+	"command", "memory", "vcpus", "preload", "keep", "compression", "kernel"}
 
 // Load reads and parses a spec. path is a directory holding kiln.toml, the
 // spec file itself, or "" for the current directory. Requirement files and
@@ -182,6 +191,7 @@ func Parse(data []byte, filename, dir string) (*Spec, error) {
 		Preload:     raw.Preload,
 		Keep:        raw.Keep,
 		Compression: DefaultCompression,
+		Kernel:      DefaultKernel,
 		Dir:         absDir,
 	}
 	if s.Python == "" {
@@ -198,6 +208,9 @@ func Parse(data []byte, filename, dir string) (*Spec, error) {
 	}
 	if raw.Compression != nil {
 		s.Compression = *raw.Compression
+	}
+	if raw.Kernel != nil {
+		s.Kernel = *raw.Kernel
 	}
 	switch r := raw.Requirements.(type) {
 	case nil:
@@ -348,6 +361,9 @@ func (s *Spec) validate() []problem {
 	}
 	if !slices.Contains(Compressions, s.Compression) {
 		add("compression", "", "%q is not one of %s", s.Compression, strings.Join(Compressions, ", "))
+	}
+	if s.Kernel != "" && !slices.Contains(Kernels, s.Kernel) { // "": DefaultKernel
+		add("kernel", "", "%q is not one of %s", s.Kernel, strings.Join(Kernels, ", "))
 	}
 	return ps
 }

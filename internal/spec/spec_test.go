@@ -43,6 +43,7 @@ func TestParseExample(t *testing.T) {
 		VCPUs:        1,
 		Preload:      []string{"numpy"},
 		Compression:  "lz4hc",
+		Kernel:       "minimal",
 		Dir:          dir,
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
@@ -61,15 +62,15 @@ func TestParseDefaults(t *testing.T) {
 		name, doc string
 		want      Spec
 	}{
-		{"minimal", `name = "a"`, Spec{Name: "a", Python: "python3", Memory: "512M", VCPUs: 1, Compression: "lz4hc"}},
+		{"minimal", `name = "a"`, Spec{Name: "a", Python: "python3", Memory: "512M", VCPUs: 1, Compression: "lz4hc", Kernel: "minimal"}},
 		{"debian picks Debian python", "name = \"a\"\ndebian = [\"python3-six\"]",
-			Spec{Name: "a", Python: "/usr/bin/python3", Debian: []string{"python3-six"}, Memory: "512M", VCPUs: 1, Compression: "lz4hc"}},
+			Spec{Name: "a", Python: "/usr/bin/python3", Debian: []string{"python3-six"}, Memory: "512M", VCPUs: 1, Compression: "lz4hc", Kernel: "minimal"}},
 		{"explicit python kept", "name = \"a\"\npython = \"python3.12\"\ndebian = [\"python3-six\"]",
-			Spec{Name: "a", Python: "python3.12", Debian: []string{"python3-six"}, Memory: "512M", VCPUs: 1, Compression: "lz4hc"}},
-		{"overrides", "name = \"a\"\nmemory = \"1g\"\nvcpus = 4\ncompression = \"none\"\nkeep = [\"tests\", \"lib2to3\"]",
-			Spec{Name: "a", Python: "python3", Memory: "1g", VCPUs: 4, Compression: "none", Keep: []string{"tests", "lib2to3"}}},
+			Spec{Name: "a", Python: "python3.12", Debian: []string{"python3-six"}, Memory: "512M", VCPUs: 1, Compression: "lz4hc", Kernel: "minimal"}},
+		{"overrides", "name = \"a\"\nmemory = \"1g\"\nvcpus = 4\ncompression = \"none\"\nkeep = [\"tests\", \"lib2to3\"]\nkernel = \"debian\"",
+			Spec{Name: "a", Python: "python3", Memory: "1g", VCPUs: 4, Compression: "none", Kernel: "debian", Keep: []string{"tests", "lib2to3"}}},
 		{"files as table", "name = \"a\"\n[files]\n\"src/\" = \"/app\"\n\"x.py\" = \"/app/x.py\"",
-			Spec{Name: "a", Python: "python3", Memory: "512M", VCPUs: 1, Compression: "lz4hc", Files: map[string]string{"src/": "/app", "x.py": "/app/x.py"}}},
+			Spec{Name: "a", Python: "python3", Memory: "512M", VCPUs: 1, Compression: "lz4hc", Kernel: "minimal", Files: map[string]string{"src/": "/app", "x.py": "/app/x.py"}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -130,6 +131,8 @@ func TestParseErrors(t *testing.T) {
 		{"memory small", "name = \"a\"\nmemory = \"64M\"", []string{`kiln.toml:2: key "memory": "64M" is below the minimum of 128M`}},
 		{"memory empty", "name = \"a\"\nmemory = \"\"", []string{`kiln.toml:2: key "memory": invalid size ""`}},
 		{"compression", "name = \"a\"\ncompression = \"zstd\"", []string{`kiln.toml:2: key "compression": "zstd" is not one of none, lz4, lz4hc`}},
+		{"kernel", "name = \"a\"\nkernel = \"tiny\"", []string{`kiln.toml:2: key "kernel": "tiny" is not one of minimal, debian`}},
+		{"kernel type", "name = \"a\"\nkernel = 1", []string{`kiln.toml:2: key "kernel": expected string`}},
 		{"debian name", "name = \"a\"\ndebian = [\"Python3\"]", []string{`kiln.toml:2: key "debian": "Python3" is not a valid Debian package name`}},
 		{"debian option", "name = \"a\"\ndebian = [\"-y\"]", []string{`kiln.toml:2: key "debian": "-y"`}},
 		{"preload", "name = \"a\"\npreload = [\"numpy\", \"scipy..linalg\"]", []string{`kiln.toml:2: key "preload": "scipy..linalg" is not a Python module name`}},

@@ -1,4 +1,4 @@
-// Package initramfs writes reproducible newc cpio archives holding kiln-init and its kernel modules.
+// Package initramfs writes reproducible newc cpio archives holding kiln-init and, for a kernel with modules, its modules.
 package initramfs
 
 import (
@@ -124,9 +124,13 @@ func record(f File) (cpio.Record, error) {
 
 // ForInit returns the initramfs contents for kiln-init: the init binary at
 // /init, each module at /lib/modules/<NN>-<name>.ko, and /etc/kiln/modules
-// listing the module paths in load order.
+// listing the module paths in load order. A kernel without modules gets
+// kiln-init alone (kiln-init loads nothing when the list is absent).
 func ForInit(initBinary string, modules []kernel.Module) []File {
 	files := []File{{Name: "init", Mode: 0o755, Source: initBinary}}
+	if len(modules) == 0 {
+		return files
+	}
 	var list strings.Builder
 	for i, m := range modules {
 		name := fmt.Sprintf("lib/modules/%02d-%s.ko", i, m.Name)

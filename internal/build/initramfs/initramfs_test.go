@@ -191,3 +191,21 @@ func TestForInit(t *testing.T) {
 }
 
 var time0 = time.Unix(1e9, 0)
+
+// TestForInitNoModules: the initramfs of a module-less kernel holds
+// kiln-init and nothing else (no module list, so kiln-init loads none).
+func TestForInitNoModules(t *testing.T) {
+	initBin := filepath.Join(t.TempDir(), "kiln-init")
+	if err := os.WriteFile(initBin, []byte("ELF init"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := Write(&buf, ForInit(initBin, nil)); err != nil {
+		t.Fatalf("Write(ForInit(nil)): %v", err)
+	}
+	got := readArchive(t, buf.Bytes())
+	want := []entry{{Name: "init", Mode: cpio.S_IFREG | 0o755, Data: "ELF init"}}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("ForInit(init, no modules) archive mismatch (-want +got):\n%s", diff)
+	}
+}

@@ -1,4 +1,4 @@
-// Package kernel fetches Debian's cloud kernel into the kiln cache and resolves kernel module closures.
+// Package kernel provides guest kernels: it builds kiln's own module-less kernel from a config fragment, fetches Debian's cloud kernel, and resolves module closures.
 package kernel
 
 import (
@@ -25,13 +25,18 @@ const MetaPackage = "linux-image-cloud-amd64"
 // for comparisons) and vsock.
 var DefaultModules = []string{"virtio_pci", "virtio_blk", "virtio_console", "erofs", "squashfs", "vmw_vsock_virtio_transport"}
 
-// Kernel is a kernel image with its module tree on the host.
+// Kernel is a kernel image with its module tree (if it has modules) on
+// the host.
 type Kernel struct {
-	Version        string // uname -r, e.g. "6.1.0-56-cloud-amd64"
-	Package        string // Debian package, e.g. "linux-image-6.1.0-56-cloud-amd64"; empty for Local
-	PackageVersion string // Debian package version, e.g. "6.1.192-2"; empty for Local
-	Vmlinuz        string // path of the bzImage
-	ModulesDir     string // .../lib/modules/<Version>
+	Kind           string     // KindMinimal, KindDebian or KindLocal
+	Version        string     // uname -r, e.g. "6.1.0-56-cloud-amd64"
+	Package        string     // Debian package it came from, e.g. "linux-image-6.1.0-56-cloud-amd64" or "linux-source-6.1"; empty for Local
+	PackageVersion string     // that package's version, e.g. "6.1.192-2"; empty for Local
+	Vmlinuz        string     // path of the kernel image: a bzImage, or kiln's vmlinux (booted through its PVH entry)
+	ModulesDir     string     // .../lib/modules/<Version>; "" for a kernel without modules
+	Config         string     // path of its .config, when known
+	ConfigDigest   string     // sha256 hex of Config, when known
+	Build          *BuildInfo // how kiln built it (KindMinimal)
 }
 
 // Module is one loadable kernel module file.
@@ -61,7 +66,7 @@ func Local(vmlinuz, modulesDir string) (*Kernel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("resolving kernel image: %w", err)
 	}
-	return &Kernel{Version: filepath.Base(abs), Vmlinuz: vm, ModulesDir: abs}, nil
+	return &Kernel{Kind: KindLocal, Version: filepath.Base(abs), Vmlinuz: vm, ModulesDir: abs}, nil
 }
 
 // Fetch returns Debian's current cloud kernel, downloading (apt-get download)
@@ -150,6 +155,7 @@ func cached(dir, pkg, ver string) (*Kernel, error) {
 	root := filepath.Join(dir, entryName(pkg, ver))
 	release := strings.TrimPrefix(pkg, "linux-image-")
 	k := &Kernel{
+		Kind:           KindDebian,
 		Version:        release,
 		Package:        pkg,
 		PackageVersion: ver,
@@ -161,6 +167,13 @@ func cached(dir, pkg, ver string) (*Kernel, error) {
 	}
 	if _, err := os.Stat(filepath.Join(k.ModulesDir, "modules.dep")); err != nil {
 		return nil, err
+	}
+	if c := filepath.Join(root, "boot", "config-"+release); fileExists(c) {
+		d, err := FileDigest(c)
+		if err != nil {
+			return nil, err
+		}
+		k.Config, k.ConfigDigest = c, d
 	}
 	return k, nil
 }
@@ -238,6 +251,11 @@ func download(ctx context.Context, log *slog.Logger, dir string, pkg debian.Pack
 	return cached(dir, pkg.Name, pkg.Version)
 }
 
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
 // pruneExtracted removes documentation and other files kiln does not need.
 func pruneExtracted(root string) error {
 	for _, p := range []string{"usr/share", "etc"} {
@@ -297,7 +315,11 @@ func ModuleName(path string) string {
 
 // ModuleClosure returns the modules needed to load names, dependencies
 // first. Modules built into the kernel (modules.builtin) are skipped.
+// A kernel without modules (ModulesDir "") needs none.
 func (k *Kernel) ModuleClosure(names []string) ([]Module, error) {
+	if k.ModulesDir == "" {
+		return nil, nil
+	}
 	deps, err := k.deps()
 	if err != nil {
 		return nil, err

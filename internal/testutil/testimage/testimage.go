@@ -15,13 +15,19 @@ import (
 	"github.com/kiln-dev/kiln/internal/testutil"
 )
 
-// NumpySpec is the spec of the test image: Debian's numpy on Debian's python.
+// NumpySpec is the spec of the test image: Debian's numpy on Debian's
+// python, with the default kernel (kiln's own).
 const NumpySpec = `name = "numpy-test"
 python = "/usr/bin/python3"
 debian = ["python3-numpy"]
 env = { OMP_NUM_THREADS = "1" }
 memory = "512M"
 vcpus = 1
+`
+
+// DebianKernelSpec is NumpySpec with Debian's cloud kernel: the other
+// kernel, smoke-tested where the default one is tested in depth.
+const DebianKernelSpec = NumpySpec + `kernel = "debian"
 `
 
 var (
@@ -32,7 +38,9 @@ var (
 
 // Image builds the image of specText once per test binary and returns its
 // path, for a test that boots it: the test is gated with NeedQEMU (and the
-// build with NeedTool and NeedNetwork). Builds are bounded to 15 minutes.
+// build with NeedTool and NeedNetwork). Builds are bounded to 30 minutes:
+// the first one on a machine may build kiln's kernel (scripts/test.sh
+// builds it before the tests, so there it is a cache lookup).
 func Image(t testing.TB, specText string) string {
 	t.Helper()
 	testutil.NeedQEMU(t)
@@ -67,7 +75,7 @@ func buildImage(t testing.TB, specText string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	t0 := time.Now()
 	res, err := build.Build(ctx, s, build.Options{Output: filepath.Join(d, s.Name+".kimg"), Init: testutil.KilnInit(t)})
@@ -80,3 +88,6 @@ func buildImage(t testing.TB, specText string) (string, error) {
 
 // Numpy returns the path of an image built from NumpySpec.
 func Numpy(t testing.TB) string { return Image(t, NumpySpec) }
+
+// NumpyDebianKernel returns the path of an image built from DebianKernelSpec.
+func NumpyDebianKernel(t testing.TB) string { return Image(t, DebianKernelSpec) }
