@@ -31,6 +31,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -51,7 +52,10 @@ type Config struct {
 	Accel     vmm.Accel    // "": the driver detects KVM, else TCG
 	VMM       string       // VMM driver name; "": vmm.DefaultDriver
 	Binary    string       // VMM program; "": the driver's default
-	Log       *slog.Logger // nil discards
+	// Machine is the machine type (vmm.MachineQ35 or vmm.MachineMicrovm);
+	// "": the one the image's kernel boots fastest on (MachineFor).
+	Machine string
+	Log     *slog.Logger // nil discards
 }
 
 // Validate reports a Config that cannot describe a VM.
@@ -63,6 +67,10 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("vm: memory %d MiB: must not be negative", c.MemoryMiB)
 	case c.VCPUs < 0:
 		return fmt.Errorf("vm: %d vCPUs: must not be negative", c.VCPUs)
+	case c.Machine != "" && !slices.Contains(vmm.Machines, c.Machine):
+		return fmt.Errorf("vm: unknown machine type %q (want one of %v)", c.Machine, vmm.Machines)
+	case c.Machine == vmm.MachineMicrovm && c.Image.Manifest.KernelKind() != "minimal":
+		return fmt.Errorf("vm: image %s has the %s kernel, which cannot boot on a microvm (no virtio-mmio): use machine %s", c.Image.Manifest.Name, c.Image.Manifest.KernelKind(), vmm.MachineQ35)
 	}
 	return nil
 }
@@ -78,6 +86,35 @@ func (c *Config) Resources() (memMiB, vcpus int) {
 		vcpus = c.VCPUs
 	}
 	return memMiB, vcpus
+}
+
+// MachineFor returns the machine type that runs an image best: a microvm
+// for kiln's own kernel (virtio-mmio and ACPI built in, booted through its
+// PVH entry, no PCI to probe), q35 for any other kernel (Debian's loads
+// virtio-pci as a module and has no virtio-mmio).
+func MachineFor(m *image.Manifest) string {
+	if m.KernelKind() == "minimal" {
+		return vmm.MachineMicrovm
+	}
+	return vmm.MachineQ35
+}
+
+// machineCmdline is what a machine type adds to proto.KernelCmdline.
+var machineCmdline = map[string]string{
+	vmm.MachineMicrovm: microvmCmdline,
+}
+
+// microvmCmdline: a microvm has no PCI bus; pci=off skips looking for
+// one.
+const microvmCmdline = "pci=off"
+
+// machine returns the machine type of the VM: the Config's, else the
+// image's (MachineFor).
+func (c *Config) machine() string {
+	if c.Machine != "" {
+		return c.Machine
+	}
+	return MachineFor(c.Image.Manifest)
 }
 
 func (c *Config) logger() *slog.Logger {
@@ -166,7 +203,9 @@ type VM struct {
 	restoreRAM, restoreState string
 	sourceRAM                string
 
-	machine vmm.Machine
+	drv     vmm.Driver
+	mc      vmm.Config
+	machine vmm.Machine // replaced only by Start's CPU fallback, under mu
 	memMiB  int
 	ctl     net.Conn
 	ctlR    *proto.Reader
@@ -178,6 +217,7 @@ type VM struct {
 	ctlDone chan struct{} // closed when the control port reader ended
 
 	closeOnce sync.Once
+	closed    bool // under mu
 }
 
 // New prepares a VM of cfg; see the options for what it runs. Exactly one
@@ -212,11 +252,11 @@ func New(cfg Config, opts ...Option) (*VM, error) {
 	if cpus := vmm.HostCPUs(); mc.VCPUs > cpus {
 		v.log.Warn(fmt.Sprintf("the VM has %d vCPUs but this host has %d CPUs: it will run slower than with %d (--vcpus)", mc.VCPUs, cpus, cpus))
 	}
-	drv, err := vmm.Lookup(cfg.VMM)
-	if err != nil {
+	if v.drv, err = vmm.Lookup(cfg.VMM); err != nil {
 		return nil, err
 	}
-	if v.machine, err = drv.New(mc); err != nil {
+	v.mc = mc
+	if v.machine, err = v.drv.New(mc); err != nil {
 		return nil, err
 	}
 	return v, nil
@@ -237,10 +277,16 @@ func (v *VM) machineConfig() (vmm.Config, error) {
 	}
 	mem, cpus := v.cfg.Resources()
 	v.memMiB = mem
+	machine := v.cfg.machine()
+	cmdline := proto.KernelCmdline
+	if extra := machineCmdline[machine]; extra != "" {
+		cmdline += " " + extra
+	}
 	mc := vmm.Config{
 		Kernel:    kernel,
 		Initrd:    initrd,
-		Cmdline:   proto.KernelCmdline,
+		Cmdline:   cmdline,
+		Machine:   machine,
 		MemoryMiB: mem,
 		VCPUs:     cpus,
 		Accel:     v.cfg.Accel,
@@ -268,7 +314,7 @@ func SnapshotKey(ctx context.Context, cfg Config, preload []string) (snapshot.Ke
 		return snapshot.Key{}, err
 	}
 	defer v.Close()
-	ver, err := v.machine.Version(ctx)
+	ver, err := v.m().Version(ctx)
 	if err != nil {
 		return snapshot.Key{}, err
 	}
@@ -277,10 +323,10 @@ func SnapshotKey(ctx context.Context, cfg Config, preload []string) (snapshot.Ke
 		ImageDigest: cfg.Image.Digest,
 		Kernel:      cfg.Image.Manifest.Kernel.Version,
 		VMM:         ver,
-		Accel:       string(v.machine.Accel()),
+		Accel:       string(v.m().Accel()),
 		MemoryMiB:   mem,
 		VCPUs:       cpus,
-		Devices:     v.machine.Fingerprint(),
+		Devices:     v.m().Fingerprint(),
 		Preload:     preload,
 	}, nil
 }
@@ -301,14 +347,25 @@ func (v *VM) Start(ctx context.Context) (err error) {
 			}
 		}
 	}()
-	if err := v.machine.Start(ctx); err != nil {
-		return fmt.Errorf("starting the VM: %w", err)
+	if err := v.m().Start(ctx); err != nil {
+		if !errors.Is(err, vmm.ErrCPUModel) || v.mc.CPU != "" || ctx.Err() != nil {
+			return fmt.Errorf("starting the VM: %w", err)
+		}
+		// KVM cannot present the host's CPU here: once more with a
+		// named model.
+		v.log.Warn(fmt.Sprintf("the VMM refused its default CPU model; retrying with %s", vmm.FallbackCPU), "error", err)
+		if err := v.fallbackCPU(); err != nil {
+			return fmt.Errorf("starting the VM: %w", err)
+		}
+		if err := v.m().Start(ctx); err != nil {
+			return fmt.Errorf("starting the VM with -cpu %s: %w", vmm.FallbackCPU, err)
+		}
 	}
 	v.phase(&v.timings.VMMStarted)
-	v.ctl = v.machine.Port(proto.CtlPort)
+	v.ctl = v.m().Port(proto.CtlPort)
 	v.ctlR = proto.NewReader(v.ctl, maxCtlFrame)
 	if v.restoreState != "" {
-		if err := v.machine.LoadState(ctx, v.restoreState); err != nil {
+		if err := v.m().LoadState(ctx, v.restoreState); err != nil {
 			return fmt.Errorf("loading the VM state: %w", err)
 		}
 		v.phase(&v.timings.StateLoaded)
@@ -319,6 +376,31 @@ func (v *VM) Start(ctx context.Context) (err error) {
 	if v.stdin != nil {
 		go v.pumpStdin()
 	}
+	return nil
+}
+
+// m returns the VM's machine.
+func (v *VM) m() vmm.Machine {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.machine
+}
+
+// fallbackCPU replaces the machine, whose start failed on its default CPU
+// model, with one of vmm.FallbackCPU; a VM closed meanwhile stays closed.
+func (v *VM) fallbackCPU() error {
+	mc := v.mc
+	mc.CPU = vmm.FallbackCPU
+	nm, err := v.drv.New(mc)
+	if err != nil {
+		return err
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return vmm.ErrClosed
+	}
+	v.mc, v.machine = mc, nm
 	return nil
 }
 
@@ -477,7 +559,7 @@ func (v *VM) Wait(ctx context.Context) (proto.ExitMsg, error) {
 	t := time.NewTimer(10 * time.Second)
 	defer t.Stop()
 	select {
-	case <-v.machine.Done():
+	case <-v.m().Done():
 	case <-t.C:
 		v.log.Warn("guest did not power off after the command exited; killing it")
 	case <-ctx.Done():
@@ -500,16 +582,16 @@ func (v *VM) Exit() (proto.ExitMsg, bool) {
 }
 
 // Agent returns the host end of the agent's port (valid after Start).
-func (v *VM) Agent() net.Conn { return v.machine.Port(proto.AgentPort) }
+func (v *VM) Agent() net.Conn { return v.m().Port(proto.AgentPort) }
 
 // Done is closed when the VMM process has exited.
-func (v *VM) Done() <-chan struct{} { return v.machine.Done() }
+func (v *VM) Done() <-chan struct{} { return v.m().Done() }
 
 // Pid returns the VMM's process id, or 0 before Start.
-func (v *VM) Pid() int { return v.machine.Pid() }
+func (v *VM) Pid() int { return v.m().Pid() }
 
 // Accel returns the accelerator the VM runs on.
-func (v *VM) Accel() vmm.Accel { return v.machine.Accel() }
+func (v *VM) Accel() vmm.Accel { return v.m().Accel() }
 
 // MemoryMiB returns the guest's memory size.
 func (v *VM) MemoryMiB() int { return v.memMiB }
@@ -547,7 +629,7 @@ func (v *VM) SaveSnapshot(ctx context.Context, ram, state string) error {
 	default:
 		return errors.New("saving a snapshot needs a VM with file-backed RAM: a snapshot source or a VM restored from a snapshot")
 	}
-	if err := v.machine.SaveState(ctx, state); err != nil {
+	if err := v.m().SaveState(ctx, state); err != nil {
 		return fmt.Errorf("saving the VM state: %w", err)
 	}
 	return nil
@@ -623,7 +705,7 @@ func (v *VM) Death(who string, cause error) *Death {
 	defer t.Stop()
 	select {
 	case <-v.exited:
-	case <-v.machine.Done():
+	case <-v.m().Done():
 		// The report, if init sent one, is in the port's buffer.
 		select {
 		case <-v.ctlDone:
@@ -636,14 +718,14 @@ func (v *VM) Death(who string, cause error) *Death {
 		d.Exit = &e
 	}
 	select {
-	case <-v.machine.Done():
+	case <-v.m().Done():
 		d.VMMExited = true
-		if err := v.machine.Wait(); err != nil && !errors.Is(err, vmm.ErrClosed) {
+		if err := v.m().Wait(); err != nil && !errors.Is(err, vmm.ErrClosed) {
 			d.VMM = err
 		}
 	default:
 	}
-	d.Console = string(v.machine.Console())
+	d.Console = string(v.m().Console())
 	return d
 }
 
@@ -662,6 +744,12 @@ func consoleTail(s string) string {
 // Close kills the VM and releases its resources. It is idempotent.
 func (v *VM) Close() error {
 	var err error
-	v.closeOnce.Do(func() { err = v.machine.Close() })
+	v.closeOnce.Do(func() {
+		v.mu.Lock()
+		v.closed = true
+		m := v.machine
+		v.mu.Unlock()
+		err = m.Close()
+	})
 	return err
 }

@@ -39,9 +39,27 @@ func TestNewRejects(t *testing.T) {
 		{"restore and command", Config{Image: img}, []Option{WithSnapshot("r", "s"), WithCommand([]string{"x"}, nil, Stdio{})}, "excludes"},
 		{"restore and source", Config{Image: img}, []Option{WithSnapshot("r", "s"), WithSnapshotSource("r")}, "exclude each other"},
 		{"source in run mode", Config{Image: img}, []Option{WithCommand([]string{"x"}, nil, Stdio{}), WithSnapshotSource("r")}, "goes with WithAgent"},
+		{"unknown machine", Config{Image: img, Machine: "isapc"}, []Option{WithAgent(nil)}, `unknown machine type "isapc"`},
+		{"debian kernel on a microvm", Config{Image: img, Machine: "microvm"}, []Option{WithAgent(nil)}, "cannot boot on a microvm"},
 	} {
 		if _, err := New(tt.cfg, tt.opts...); err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("New(%s) error = %v, want one containing %q", tt.name, err, tt.want)
+		}
+	}
+}
+
+func TestMachineFor(t *testing.T) {
+	for _, tt := range []struct {
+		kernel image.Kernel
+		want   string
+	}{
+		{image.Kernel{Kind: "minimal"}, "microvm"},
+		{image.Kernel{Kind: "debian", Package: "linux-image-6.1.0-57-cloud-amd64"}, "q35"},
+		{image.Kernel{Kind: "local"}, "q35"},
+		{image.Kernel{Package: "linux-image-6.1.0-56-cloud-amd64"}, "q35"}, // an image from before kernel kinds
+	} {
+		if got := MachineFor(&image.Manifest{Kernel: tt.kernel}); got != tt.want {
+			t.Errorf("MachineFor(kernel %+v) = %q, want %q", tt.kernel, got, tt.want)
 		}
 	}
 }

@@ -33,15 +33,43 @@ type Disk struct {
 	ReadOnly bool
 }
 
+// Machine types a driver builds (Config.Machine).
+const (
+	// MachineQ35 is a PC (QEMU's q35): PCI devices, SeaBIOS, ACPI. Any
+	// kernel boots on it, Debian's cloud kernel included.
+	MachineQ35 = "q35"
+	// MachineMicrovm is a minimal machine (QEMU's microvm): no PCI, the
+	// devices on virtio-mmio, qboot firmware, a small ACPI table set for
+	// power-off. Its kernel needs virtio-mmio and ACPI built in (kiln's
+	// own kernel has them) and boots fastest through its PVH entry.
+	MachineMicrovm = "microvm"
+)
+
+// Machines lists the machine types, the default first.
+var Machines = []string{MachineQ35, MachineMicrovm}
+
+// ErrCPUModel is wrapped by Machine.Start's error when the VMM refused the
+// CPU model it chose itself (Config.CPU ""): the caller may retry with
+// FallbackCPU.
+var ErrCPUModel = errors.New("the VMM cannot use its default CPU model here")
+
+// FallbackCPU is the named CPU model for KVM hosts where "host" does not
+// work.
+const FallbackCPU = "kvm64"
+
 // Config describes a machine.
 type Config struct {
 	Kernel, Initrd, Cmdline string
 	MemoryMiB, VCPUs        int
+	// Machine is the machine type: MachineQ35 ("" too) or MachineMicrovm.
+	// It is part of the device fingerprint, so a snapshot of one machine
+	// type is never restored on another.
+	Machine string
 	// Binary is the VMM program, a path or a name looked up on PATH; ""
 	// is the driver's default.
 	Binary string
 	Accel  Accel  // "" = DetectAccel()
-	CPU    string // "" = "host" under KVM, "max" under TCG
+	CPU    string // "" = "host" under KVM (see ErrCPUModel), "max" under TCG
 	Disks  []Disk // the first is /dev/vda
 	// Ports names the virtio-serial ports, e.g. {"kiln.ctl","kiln.agent"};
 	// their host ends are returned by Machine.Port(name).
@@ -87,6 +115,11 @@ func (c *Config) Validate() error {
 	}
 	if c.VCPUs < 1 || c.VCPUs > MaxVCPUs {
 		return fmt.Errorf("invalid machine config: %d vCPUs out of range [1, %d]", c.VCPUs, MaxVCPUs)
+	}
+	switch c.Machine {
+	case "", MachineQ35, MachineMicrovm:
+	default:
+		return fmt.Errorf("invalid machine config: unknown machine type %q (want %q or %q)", c.Machine, MachineQ35, MachineMicrovm)
 	}
 	switch c.Accel {
 	case "", KVM, TCG:

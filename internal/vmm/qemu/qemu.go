@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -60,11 +61,12 @@ func (driver) New(cfg vmm.Config) (vmm.Machine, error) { return New(cfg) }
 
 // Machine is a QEMU virtual machine. Create it with New.
 type Machine struct {
-	cfg    vmm.Config
-	binary string
-	accel  vmm.Accel
-	cpu    string
-	log    *slog.Logger
+	cfg     vmm.Config
+	binary  string
+	accel   vmm.Accel
+	cpu     string
+	autoCPU bool // cpu was chosen by New, not by Config.CPU
+	log     *slog.Logger
 
 	console *ring
 	stderr  *ring
@@ -123,6 +125,7 @@ func New(cfg vmm.Config) (*Machine, error) {
 		}
 	}
 	m.cpu = cfg.CPU
+	m.autoCPU = cfg.CPU == ""
 	if m.cpu == "" {
 		m.cpu = "max"
 		if m.accel == vmm.KVM {
@@ -145,11 +148,86 @@ func (m *Machine) Pid() int {
 	return m.cmd.Process.Pid
 }
 
+// The machine types (vmm.Config.Machine) as QEMU options.
+const (
+	// q35 without the devices a kiln guest never uses.
+	q35Machine = "q35,sata=off,smbus=off,vmport=off,i8042=off"
+	// microvm: no option ROMs, legacy PIC or PCIe. The ISA serial port
+	// stays (the console); ACPI stays because it is how the guest powers
+	// off (and finds the virtio-mmio devices); the PIT stays as the timer
+	// the kernel calibrates its local APIC timer against; the RTC stays
+	// because a kernel that finds no RTC waits a second for one.
+	microvmMachine = "microvm,x-option-roms=off,pic=off,pcie=off,acpi=on"
+)
+
+// cmdline is Config.Cmdline plus what the machine needs from the guest
+// kernel. A microvm under TCG has no HPET and no ACPI PM timer to
+// calibrate the TSC against, and calibrating it against the emulated PIT
+// fails on a busy host (the kernel then hangs): TCG's TSC counts at the
+// host's TSC rate, so the guest is told that rate.
+func (m *Machine) cmdline() string {
+	c := m.cfg.Cmdline
+	if m.cfg.Machine == vmm.MachineMicrovm && m.accel == vmm.TCG {
+		if khz := hostTSCkHz(); khz > 0 {
+			c = strings.TrimSpace(c + " tsc_early_khz=" + strconv.Itoa(khz) + " tsc=reliable")
+		}
+	}
+	return c
+}
+
+var (
+	tscOnce sync.Once
+	tscKHz  int
+)
+
+// hostTSCkHz returns the host's TSC rate in kHz, or 0 when unknown (the
+// host's TSC is not constant, or /proc/cpuinfo says nothing).
+func hostTSCkHz() int {
+	tscOnce.Do(func() {
+		if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+			tscKHz = parseTSCkHz(b)
+		}
+	})
+	return tscKHz
+}
+
+// parseTSCkHz derives the TSC rate from /proc/cpuinfo: on x86, with a
+// constant TSC, the kernel's BogoMIPS are twice its TSC MHz (its delay
+// loop counts TSC cycles), so kHz = bogomips × 500.
+func parseTSCkHz(cpuinfo []byte) int {
+	constant := false
+	bogo := 0.0
+	for _, line := range strings.Split(string(cpuinfo), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		switch strings.TrimSpace(k) {
+		case "flags":
+			constant = slices.Contains(strings.Fields(v), "constant_tsc")
+		case "bogomips":
+			if bogo == 0 {
+				bogo, _ = strconv.ParseFloat(strings.TrimSpace(v), 64)
+			}
+		}
+		if constant && bogo > 0 {
+			break
+		}
+	}
+	if !constant || !(bogo >= 2) || bogo > 1e6 {
+		return 0
+	}
+	return int(bogo*500 + 0.5)
+}
+
 // Args returns QEMU's full argv (argv[0] is the binary). Fds 3, 4 and 5…
 // are the QMP, console and port sockets Start passes.
 func (m *Machine) Args() []string {
 	c := &m.cfg
-	machine := "q35,sata=off,smbus=off,vmport=off,i8042=off"
+	machine, blkDev, serialDev := q35Machine, "virtio-blk-pci", "virtio-serial-pci"
+	if c.Machine == vmm.MachineMicrovm {
+		machine, blkDev, serialDev = microvmMachine, "virtio-blk-device", "virtio-serial-device"
+	}
 	if c.RAMFile != "" {
 		machine += ",memory-backend=mem"
 	}
@@ -179,8 +257,8 @@ func (m *Machine) Args() []string {
 	if c.Initrd != "" {
 		a = append(a, "-initrd", c.Initrd)
 	}
-	if c.Cmdline != "" {
-		a = append(a, "-append", c.Cmdline)
+	if cmdline := m.cmdline(); cmdline != "" {
+		a = append(a, "-append", cmdline)
 	}
 	a = append(a,
 		"-chardev", fmt.Sprintf("socket,id=qmp,fd=%d", qmpFD),
@@ -189,7 +267,7 @@ func (m *Machine) Args() []string {
 		"-serial", "chardev:con",
 	)
 	if len(c.Ports) > 0 {
-		a = append(a, "-device", jsonArg(map[string]any{"driver": "virtio-serial-pci", "id": "vser"}))
+		a = append(a, "-device", jsonArg(map[string]any{"driver": serialDev, "id": "vser"}))
 		for i, name := range c.Ports {
 			id := "port" + strconv.Itoa(i)
 			a = append(a,
@@ -223,7 +301,7 @@ func (m *Machine) Args() []string {
 		}
 		a = append(a,
 			"-blockdev", jsonArg(raw),
-			"-device", jsonArg(map[string]any{"driver": "virtio-blk-pci", "drive": node, "id": "vd" + strconv.Itoa(i)}))
+			"-device", jsonArg(map[string]any{"driver": blkDev, "drive": node, "id": "vd" + strconv.Itoa(i)}))
 	}
 	a = append(a, "-sandbox", sandboxOpts)
 	if c.Incoming {
@@ -417,6 +495,9 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 		// QMP broke: QEMU is most likely exiting; prefer its exit status.
 		select {
 		case <-m.done:
+			if m.cpuRefused() {
+				return fmt.Errorf("starting qemu: %w (-cpu %s): %w", vmm.ErrCPUModel, m.cpu, m.waitErr)
+			}
 			return fmt.Errorf("starting qemu: %w", m.waitErr)
 		case <-time.After(5 * time.Second):
 		}
@@ -424,6 +505,19 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 	}
 	return nil
 }
+
+// cpuRefused reports whether QEMU, having exited during start, refused
+// the CPU model New chose ("host" under KVM: a host whose KVM cannot
+// present its own CPU, such as some nested setups).
+func (m *Machine) cpuRefused() bool {
+	if !m.autoCPU || m.accel != vmm.KVM {
+		return false
+	}
+	return cpuErrorRE.Match(m.stderr.Bytes())
+}
+
+// cpuErrorRE matches QEMU's complaints about a CPU model or its features.
+var cpuErrorRE = regexp.MustCompile(`(?i)(-cpu|cpu model|cpu feature|host cpu|host doesn't support requested feature)`)
 
 func (m *Machine) onEvent(ev Event) {
 	if ev.Name != "SHUTDOWN" {

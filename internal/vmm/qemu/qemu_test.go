@@ -3,8 +3,10 @@ package qemu
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -87,6 +89,30 @@ func TestArgs(t *testing.T) {
 				sandbox),
 		},
 		{
+			name: "microvm-kvm",
+			cfg: vmm.Config{Kernel: kernel, Initrd: initrd, Cmdline: testCmdline, Machine: vmm.MachineMicrovm, MemoryMiB: 512, VCPUs: 1, Accel: vmm.KVM,
+				Ports: []string{"kiln.ctl"}, Disks: []vmm.Disk{{Path: disk, ReadOnly: true}}, RAMFile: ram, RAMShared: true},
+			want: cat(s(bin), common,
+				s("-machine", "microvm,x-option-roms=off,pic=off,pcie=off,acpi=on,memory-backend=mem", "-accel", "kvm", "-cpu", "host", "-m", "512M", "-smp", "1",
+					"-object", `{"id":"mem","mem-path":"`+ram+`","qom-type":"memory-backend-file","share":true,"size":536870912}`,
+					"-kernel", kernel, "-initrd", initrd, "-append", "console=ttyS0 panic=-1 quiet loglevel=3"),
+				chardevs,
+				s("-device", `{"driver":"virtio-serial-device","id":"vser"}`,
+					"-chardev", "socket,id=port0,fd=5",
+					"-device", `{"bus":"vser.0","chardev":"port0","driver":"virtserialport","name":"kiln.ctl","nr":1}`,
+					"-blockdev", `{"driver":"raw","file":{"driver":"file","filename":"`+disk+`","read-only":true},"node-name":"disk0","read-only":true}`,
+					"-device", `{"drive":"disk0","driver":"virtio-blk-device","id":"vd0"}`),
+				sandbox),
+		},
+		{
+			name: "kvm-fallback-cpu",
+			cfg:  vmm.Config{Kernel: kernel, MemoryMiB: 128, VCPUs: 1, Accel: vmm.KVM, CPU: vmm.FallbackCPU},
+			want: cat(s(bin), common,
+				s("-machine", "q35,sata=off,smbus=off,vmport=off,i8042=off", "-accel", "kvm", "-cpu", "kvm64", "-m", "128M", "-smp", "1",
+					"-kernel", kernel),
+				chardevs, sandbox),
+		},
+		{
 			name: "restore",
 			cfg:  vmm.Config{Kernel: kernel, MemoryMiB: 64, VCPUs: 1, Accel: vmm.TCG, RAMFile: ram, Incoming: true},
 			want: cat(s(bin), common,
@@ -103,6 +129,105 @@ func TestArgs(t *testing.T) {
 			}
 			if diff := cmp.Diff(tc.want, m.Args()); diff != "" {
 				t.Errorf("Args() mismatch (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestMicrovmTCGCmdline: under TCG a microvm's guest is told the host's
+// TSC rate (it has nothing to calibrate it against), and the machine's
+// fingerprint differs from q35's.
+func TestMicrovmTCGCmdline(t *testing.T) {
+	kernel := filepath.Join(t.TempDir(), "vmlinux")
+	if err := os.WriteFile(kernel, []byte("k"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := vmm.Config{Kernel: kernel, Cmdline: testCmdline, Machine: vmm.MachineMicrovm, MemoryMiB: 64, VCPUs: 1, Accel: vmm.TCG}
+	m, err := New(withBinary(cfg, "/bin/true"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := m.cmdline()
+	if khz := hostTSCkHz(); khz > 0 {
+		if want := testCmdline + " tsc_early_khz=" + strconv.Itoa(khz) + " tsc=reliable"; got != want {
+			t.Errorf("cmdline() = %q, want %q", got, want)
+		}
+	} else if got != testCmdline {
+		t.Errorf("cmdline() without a known TSC rate = %q, want %q", got, testCmdline)
+	}
+	cfg.Machine = vmm.MachineQ35
+	q, err := New(withBinary(cfg, "/bin/true"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q.cmdline() != testCmdline {
+		t.Errorf("q35 cmdline() = %q, want %q unchanged", q.cmdline(), testCmdline)
+	}
+	if q.Fingerprint() == m.Fingerprint() {
+		t.Errorf("q35 and microvm have the same fingerprint %s, want them to differ", m.Fingerprint())
+	}
+}
+
+func TestParseTSCkHz(t *testing.T) {
+	for _, tc := range []struct {
+		name, in string
+		want     int
+	}{
+		{"constant", "processor\t: 0\nflags\t\t: fpu tsc constant_tsc nonstop_tsc\nbogomips\t: 4192.00\n\nprocessor\t: 1\nbogomips\t: 4000.00\n", 2096000},
+		{"flags after bogomips", "bogomips\t: 5988.42\nflags : constant_tsc\n", 2994210},
+		{"not constant", "flags\t: fpu tsc\nbogomips\t: 4192.00\n", 0},
+		{"no bogomips", "flags\t: constant_tsc\n", 0},
+		{"garbage", "bogomips: lots\nflags: constant_tsc\n", 0},
+		{"empty", "", 0},
+	} {
+		if got := parseTSCkHz([]byte(tc.in)); got != tc.want {
+			t.Errorf("parseTSCkHz(%s) = %d, want %d", tc.name, got, tc.want)
+		}
+	}
+}
+
+func FuzzParseTSCkHz(f *testing.F) {
+	f.Add("flags\t: constant_tsc\nbogomips\t: 4192.00\n")
+	f.Add("bogomips: 1e308\nflags: constant_tsc")
+	f.Add("bogomips: -5\nflags: constant_tsc")
+	f.Fuzz(func(t *testing.T, in string) {
+		if got := parseTSCkHz([]byte(in)); got < 0 || got > 5e8 {
+			t.Fatalf("parseTSCkHz(%q) = %d, want 0 or a plausible rate", in, got)
+		}
+	})
+}
+
+// TestCPURefused: under KVM, a QEMU that refuses the CPU model the driver
+// chose ("host") makes Start fail with vmm.ErrCPUModel, so that the VM can
+// retry with vmm.FallbackCPU; a model the caller chose is not second-guessed.
+func TestCPURefused(t *testing.T) {
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "vmlinuz")
+	fake := filepath.Join(dir, "qemu")
+	if err := os.WriteFile(kernel, []byte("k"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	script := "#!/bin/sh\necho \"qemu-system-x86_64: -cpu host: CPU model 'host' requires KVM or HVF\" >&2\nexit 1\n"
+	if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		cpu  string
+		want bool
+	}{{"auto", "", true}, {"chosen", "host", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := New(vmm.Config{Kernel: kernel, MemoryMiB: 64, VCPUs: 1, Accel: vmm.KVM, CPU: tc.cpu, Binary: fake})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			err = m.Start(context.Background())
+			if err == nil {
+				t.Fatal("Start() = nil with a QEMU that exits, want an error")
+			}
+			if got := errors.Is(err, vmm.ErrCPUModel); got != tc.want {
+				t.Errorf("Start() error = %v; errors.Is(ErrCPUModel) = %v, want %v", err, got, tc.want)
 			}
 		})
 	}
