@@ -14,6 +14,7 @@ import (
 
 	"github.com/kiln-dev/kiln/internal/testutil"
 	"github.com/kiln-dev/kiln/internal/testutil/testimage"
+	"github.com/kiln-dev/kiln/internal/vmm"
 )
 
 func TestMain(m *testing.M) { testutil.Main(m) }
@@ -184,14 +185,24 @@ func checkEnv(t *testing.T, path string) {
 func checkBoot(t *testing.T, dir, runs string) {
 	t.Helper()
 	rows := readCSV(t, filepath.Join(dir, "boot.csv"))
-	if len(rows) != len(BootVariants) {
-		t.Fatalf("boot.csv has %d rows, want %d", len(rows), len(BootVariants))
+	want := len(BootVariants)
+	if acc, _ := vmm.DetectAccel(); acc != vmm.KVM {
+		want += len(bootKVMRows) // listed for KVM, not measured
 	}
+	if len(rows) != want {
+		t.Fatalf("boot.csv has %d rows, want %d", len(rows), want)
+	}
+	for _, r := range rows[len(BootVariants):] {
+		if r["accel"] != "KVM" || r["runs"] != "0" || !strings.Contains(r["note"], "not measured") || r["init_started_s"] != "" {
+			t.Errorf("boot.csv KVM row %q = %v, want it listed with no measurements", r["variant"], r)
+		}
+	}
+	rows = rows[:len(BootVariants)]
 	for i, r := range rows {
 		if r["variant"] != BootVariants[i].Name || r["runs"] != runs {
 			t.Errorf("boot.csv row %d: variant %q, runs %q; want %q, %s", i, r["variant"], r["runs"], BootVariants[i].Name, runs)
 		}
-		cols := []string{"image_mib", "memory_mib", "vcpus", "import_s_median", "import_s_min", "import_s_max"}
+		cols := []string{"image_mib", "memory_mib", "vcpus", "import_s_median", "import_s_min", "import_s_max", "cold_first_result_s", "restore_first_result_s"}
 		for _, p := range bootPhases {
 			cols = append(cols, p+"_s")
 		}
@@ -200,7 +211,7 @@ func checkBoot(t *testing.T, dir, runs string) {
 			t.Errorf("boot.csv row %q: kernel %q, rootfs %q; want both", r["variant"], r["kernel"], r["rootfs"])
 		}
 	}
-	if want := []string{"erofs lz4hc", "erofs none", "squashfs zstd"}; len(rows) == 3 {
+	if want := []string{"erofs lz4hc", "erofs lz4hc", "erofs lz4hc", "erofs none", "squashfs zstd"}; len(rows) == len(want) {
 		for i, w := range want {
 			if rows[i]["rootfs"] != w {
 				t.Errorf("boot.csv row %q: rootfs %q, want %q", rows[i]["variant"], rows[i]["rootfs"], w)
@@ -384,8 +395,10 @@ func TestReplot(t *testing.T) {
 		"coldstart.csv": {{"row", "runs", "min_s", "max_s", "mean_s", "ratio_to_container"},
 			{RowContainer, "2", "4", "6", "5", "1.00"}, {RowRestore + " [TCG]", "2", "0.5", "0.7", "0.6", "0.12"}, {RowCold, "0", "", "", "", "failed: x"}},
 		"boot.csv": {bootColumns(),
-			{"erofs-lz4hc", "erofs lz4hc", "6.1.0-57-cloud-amd64", "qemu", "512", "1", "2", "60.6", "0.19", "0.6", "2.6", "2.7", "2.8", "5.8", "2.2", "1.9", "2.6"},
-			{"squashfs-zstd", "", "", "qemu", "", "", "0", "", "", "", "", "", "", "", "", "", "failed: x"}},
+			{"minimal-microvm", "TCG", "erofs lz4hc", "minimal 6.1.192", "microvm", "qemu", "512", "1", "2", "52.6", "0.1", "0.4", "0.7", "0.8", "0.8", "3.0", "2.2", "1.9", "2.6", "4.1", "0.5", ""},
+			{"debian-q35", "TCG", "erofs lz4hc", "debian 6.1.0-57-cloud-amd64", "q35", "qemu", "512", "1", "2", "60.6", "0.19", "0.6", "2.6", "2.7", "2.8", "5.8", "2.2", "1.9", "2.6", "6.1", "0.6", ""},
+			{"squashfs-zstd", "TCG", "", "", "", "qemu", "", "", "0", "", "", "", "", "", "", "", "", "", "", "", "", "failed: x"},
+			{"minimal-microvm", "KVM", "erofs lz4hc", "minimal 6.1.192", "microvm", "qemu", "512", "1", "0", "52.6", "", "", "", "", "", "", "", "", "", "", "", "not measured: no KVM"}},
 		// invoke has no plot: Replot must skip its CSV.
 		"invoke.csv": {{"row", "unit", "n", "min", "p50", "p90", "max", "mean"}, {RowWarmNoop, "ms", "10", "2", "5", "7", "14", "6"}},
 	}

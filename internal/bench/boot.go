@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -16,29 +17,43 @@ import (
 
 	"github.com/kiln-dev/kiln/internal/build"
 	"github.com/kiln-dev/kiln/internal/guest/agent"
+	"github.com/kiln-dev/kiln/internal/guest/task"
 	"github.com/kiln-dev/kiln/internal/image"
+	"github.com/kiln-dev/kiln/internal/sandbox"
 	"github.com/kiln-dev/kiln/internal/size"
 	"github.com/kiln-dev/kiln/internal/vm"
 	"github.com/kiln-dev/kiln/internal/vmm"
 )
 
 // BootVariant is one way of building and booting the bench's numpy image:
-// one row of the boot experiment. A kernel variant sets Build.Kernel and
-// Build.Modules; a machine variant sets VMM, MemoryMiB or VCPUs.
+// one row of the boot experiment. A kernel variant sets Build.KernelKind
+// (or Build.Kernel and Build.Modules); a machine variant sets Machine,
+// VMM, MemoryMiB or VCPUs.
 type BootVariant struct {
 	Name      string        // row label, unique; part of the cached image's file name
 	Build     build.Options // Output, Init and Log are set by the experiment
+	Machine   string        // machine type ("": the image's, vm.MachineFor)
 	VMM       string        // VMM driver ("": vmm.DefaultDriver)
 	MemoryMiB int           // 0: the image's
 	VCPUs     int           // 0: the image's
 }
 
-// BootVariants are the boot experiment's rows, in table order.
+// BootVariants are the boot experiment's rows, in table order: kiln's
+// defaults first (the minimal kernel on a microvm, erofs lz4hc), then the
+// same kernel on q35 (the machine's share), Debian's cloud kernel on q35
+// (the kernel's share, and kiln before it had its own), and the other root
+// filesystems.
 var BootVariants = []BootVariant{
-	{Name: "erofs-lz4hc", Build: build.Options{Compression: "lz4hc"}},
-	{Name: "erofs-none", Build: build.Options{Compression: "none"}},
-	{Name: "squashfs-zstd", Build: build.Options{Filesystem: "squashfs"}},
+	{Name: "minimal-microvm", Build: build.Options{KernelKind: "minimal", Compression: "lz4hc"}, Machine: vmm.MachineMicrovm},
+	{Name: "minimal-q35", Build: build.Options{KernelKind: "minimal", Compression: "lz4hc"}, Machine: vmm.MachineQ35},
+	{Name: "debian-q35", Build: build.Options{KernelKind: "debian", Compression: "lz4hc"}, Machine: vmm.MachineQ35},
+	{Name: "erofs-none", Build: build.Options{KernelKind: "minimal", Compression: "none"}},
+	{Name: "squashfs-zstd", Build: build.Options{KernelKind: "minimal", Filesystem: "squashfs"}},
 }
+
+// bootKVMRows are the variants that get a row for the accelerator the run
+// does not have (KVM on a machine without it): listed, not measured.
+var bootKVMRows = []string{"minimal-microvm", "minimal-q35", "debian-q35"}
 
 // bootScript is the boot experiment's run-mode command: it prints the
 // seconds `import numpy` took inside the guest.
@@ -55,14 +70,19 @@ type bootRow struct {
 	img     *image.Image
 	phases  map[string][]float64 // seconds since Start, per phase
 	imports []float64
+	cold    []float64 // sandbox cold boot → first result, seconds
+	restore []float64 // sandbox snapshot restore → first result, seconds
 	err     error
 }
 
-// Boot builds the bench's numpy image with each of BootVariants, cold-boots
-// every variant Runs times (default 5, 1 with Quick) in run mode,
-// interleaved, and reports the image size, the median boot phases and the
-// in-guest time of `import numpy`. The images are built on the local disk
-// under Options.Work and need neither the filesystem model nor root.
+// Boot builds the bench's numpy image with each of BootVariants and, Runs
+// times (default 5, 1 with Quick), interleaved, measures every variant
+// three ways: a cold boot in run mode (the boot phases and the in-guest
+// time of `import numpy`), a sandbox cold boot to the first result of a
+// numpy job, and a sandbox snapshot restore to the same result. It reports
+// the image size, the medians, and rows for KVM left empty when the
+// machine has no KVM. The images are built on the local disk under
+// Options.Work and need neither the filesystem model nor root.
 func Boot(ctx context.Context, o Options) (*Report, error) {
 	if err := o.defaults(); err != nil {
 		return nil, err
@@ -96,6 +116,15 @@ func Boot(ctx context.Context, o Options) (*Report, error) {
 		if r.img, err = openWarm(r.path); err != nil {
 			r.err = fmt.Errorf("opening the boot variant %s: %w", v.Name, err)
 			o.progress("[boot] %s: %v", v.Name, r.err)
+			continue
+		}
+		o.progress("[boot] %s: creating the snapshot for its restore column (not measured)", v.Name)
+		if _, err := bootInvoke(ctx, &o, r, sandbox.SnapshotAuto); err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			r.err = fmt.Errorf("creating the snapshot of the boot variant %s: %w", v.Name, err)
+			o.progress("[boot] %s: %v", v.Name, r.err)
 		}
 	}
 	for i := 0; i < runs; i++ {
@@ -115,17 +144,33 @@ func Boot(ctx context.Context, o Options) (*Report, error) {
 				o.progress("[boot] run %d/%d %-14s FAILED: %v", i+1, runs, r.v.Name, err)
 				continue
 			}
+			cold, err := bootInvoke(ctx, &o, r, sandbox.SnapshotOff)
+			if err == nil {
+				var restore float64
+				if restore, err = bootInvoke(ctx, &o, r, sandbox.SnapshotUse); err == nil {
+					r.cold = append(r.cold, cold)
+					r.restore = append(r.restore, restore)
+				}
+			}
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil, ctx.Err()
+				}
+				r.err = fmt.Errorf("invoking the boot variant %s: %w", r.v.Name, err)
+				o.progress("[boot] run %d/%d %-15s FAILED: %v", i+1, runs, r.v.Name, err)
+				continue
+			}
 			for _, p := range t.Phases() {
 				r.phases[p.Name] = append(r.phases[p.Name], p.Since.Seconds())
 			}
 			r.imports = append(r.imports, imp)
-			o.progress("[boot] run %d/%d %-14s init %6.2fs, command exited %6.2fs, import numpy %6.3fs", i+1, runs, r.v.Name,
-				t.InitStarted.Seconds(), t.CommandExited.Seconds(), imp)
+			o.progress("[boot] run %d/%d %-15s init %6.2fs, command exited %6.2fs, import numpy %6.3fs, cold first result %6.2fs, restore first result %6.3fs", i+1, runs, r.v.Name,
+				t.InitStarted.Seconds(), t.CommandExited.Seconds(), imp, r.cold[len(r.cold)-1], r.restore[len(r.restore)-1])
 		}
 	}
 	rep := &Report{
 		Name:    "boot",
-		Title:   "Cold boot of the numpy image in run mode, by root filesystem: boot phases and `import numpy`",
+		Title:   "Boot of the numpy image by kernel, machine and root filesystem: boot phases, `import numpy`, first result cold and restored",
 		Env:     DetectEnv(o.Accel, o.Quick),
 		Columns: bootColumns(),
 	}
@@ -135,9 +180,19 @@ func Boot(ctx context.Context, o Options) (*Report, error) {
 			rep.Notes = append(rep.Notes, fmt.Sprintf("%s: %d of %d runs failed, the last with: %v", r.v.Name, runs-len(r.imports), runs, r.err))
 		}
 	}
+	if o.Accel != vmm.KVM {
+		for _, name := range bootKVMRows {
+			for _, r := range rows {
+				if r.v.Name == name {
+					rep.Rows = append(rep.Rows, r.emptyRow(&o, vmm.KVM, "not measured: this machine has no usable /dev/kvm"))
+				}
+			}
+		}
+	}
 	rep.Notes = append(rep.Notes,
 		fmt.Sprintf("Rows were interleaved: %d round(s), each cold-booting every variant once, in table order, to run `python3 -c %q` in run mode.", runs, bootScript),
-		"Phase columns are medians, in seconds since the VM's Start (before the VMM process), as the host observed them (vm.Timings); kernel_started is estimated from the guest uptime kiln-init reports when it starts. import_s is the `import numpy` statement alone, timed inside the guest by Python.",
+		"Phase columns are medians, in seconds since the VM's Start (before the VMM process), as the host observed them (vm.Timings); kernel_started is estimated from the guest uptime kiln-init reports when it starts, so vmm_started → kernel_started is the firmware and the kernel's loading (and, for a bzImage, its decompression) and kernel_started → init_started the kernel's own boot. import_s is the `import numpy` statement alone, timed inside the guest by Python.",
+		fmt.Sprintf("cold_first_result_s and restore_first_result_s are medians of the wall time of sandbox.Start plus one Invoke of a numpy job (`%s`), from a cold boot (no snapshot) and from the variant's snapshot (created once before the rounds, numpy preloaded).", strings.ReplaceAll(jobSource, "\n", " ")),
 		"Every image is built from the bench's numpy spec (internal/bench/specs/numpy.toml) onto the local disk under the work directory (no filesystem model) and read once before the rounds, so every boot reads it from the page cache. image_mib is the whole image file: kernel, initramfs and root filesystem.")
 	for _, r := range rows {
 		if r.given {
@@ -159,32 +214,44 @@ func Boot(ctx context.Context, o Options) (*Report, error) {
 }
 
 func bootColumns() []string {
-	cols := []string{"variant", "rootfs", "kernel", "vmm", "memory_mib", "vcpus", "runs", "image_mib"}
+	cols := []string{"variant", "accel", "rootfs", "kernel", "machine", "vmm", "memory_mib", "vcpus", "runs", "image_mib"}
 	for _, p := range bootPhases {
 		cols = append(cols, p+"_s")
 	}
-	return append(cols, "import_s_median", "import_s_min", "import_s_max")
+	return append(cols, "import_s_median", "import_s_min", "import_s_max", "cold_first_result_s", "restore_first_result_s", "note")
 }
 
-// row renders one variant; a variant without a successful run has empty
-// measurements and the reason in the last column.
-func (r *bootRow) row(o *Options) []string {
-	rootfs, kernel, mem, cpus, mib := "", "", "", "", ""
+// head renders the columns before the measurements: what the variant is.
+func (r *bootRow) head(o *Options, accel vmm.Accel, runs int) []string {
+	rootfs, kernel, machine, mem, cpus, mib := "", "", r.v.Machine, "", "", ""
 	if r.img != nil {
 		m := r.img.Manifest
 		rootfs = m.Rootfs.Filesystem + " " + m.Rootfs.Compression
-		kernel = m.Kernel.Version
+		kernel = m.KernelKind() + " " + m.Kernel.Version
 		cfg := vmConfig(o)
 		cfg.Image, cfg.MemoryMiB, cfg.VCPUs = r.img, r.v.MemoryMiB, r.v.VCPUs
 		memMiB, vcpus := cfg.Resources()
 		mem, cpus = strconv.Itoa(memMiB), strconv.Itoa(vcpus)
 		mib = f1(float64(r.img.Size) / (1 << 20))
+		if machine == "" {
+			machine = vm.MachineFor(m)
+		}
 	}
 	drv := r.v.VMM
 	if drv == "" {
 		drv = vmm.DefaultDriver
 	}
-	row := []string{r.v.Name, rootfs, kernel, drv, mem, cpus, strconv.Itoa(len(r.imports)), mib}
+	return []string{r.v.Name, strings.ToUpper(string(accel)), rootfs, kernel, machine, drv, mem, cpus, strconv.Itoa(runs), mib}
+}
+
+// row renders one variant; a variant without a successful run has empty
+// measurements and the reason in the last column.
+func (r *bootRow) row(o *Options) []string {
+	accel := o.Accel
+	if accel == "" {
+		accel = vmm.TCG
+	}
+	row := r.head(o, accel, len(r.imports))
 	for _, p := range bootPhases {
 		cell := ""
 		if xs := r.phases[p]; len(xs) > 0 {
@@ -197,10 +264,50 @@ func (r *bootRow) row(o *Options) []string {
 		if r.err != nil {
 			why = "failed: " + strings.ReplaceAll(tailStr(r.err.Error(), 200), "|", "/")
 		}
-		return append(row, "", "", why)
+		return append(row, "", "", "", "", "", why)
 	}
 	s := summarize(r.imports)
-	return append(row, f3(median(r.imports)), f3(s.Min), f3(s.Max))
+	return append(row, f3(median(r.imports)), f3(s.Min), f3(s.Max), f3(median(r.cold)), f3(median(r.restore)), "")
+}
+
+// emptyRow lists the variant for an accelerator this run did not measure.
+func (r *bootRow) emptyRow(o *Options, accel vmm.Accel, why string) []string {
+	row := r.head(o, accel, 0)
+	for range bootPhases {
+		row = append(row, "")
+	}
+	return append(row, "", "", "", "", "", why)
+}
+
+// bootInvoke starts a sandbox of the variant's image with the snapshot
+// mode given, invokes the numpy job once, and returns the seconds from
+// before the start to the result.
+func bootInvoke(ctx context.Context, o *Options, r *bootRow, mode sandbox.SnapshotMode) (float64, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	cfg := vmConfig(o)
+	cfg.VMM, cfg.Machine, cfg.MemoryMiB, cfg.VCPUs = r.v.VMM, r.v.Machine, r.v.MemoryMiB, r.v.VCPUs
+	t0 := time.Now()
+	sb, err := sandbox.Start(ctx, r.img, sandbox.Options{Snapshots: mode, VM: cfg, BootTimeout: 10 * time.Minute, Timeout: 5 * time.Minute})
+	if err != nil {
+		return 0, err
+	}
+	defer sb.Close()
+	res, err := sb.Invoke(ctx, &task.Task{Kind: task.KindSource, Source: jobSource, Name: "job"})
+	if err != nil {
+		return 0, err
+	}
+	el := time.Since(t0).Seconds()
+	if !res.OK {
+		return 0, fmt.Errorf("job failed: %v", res.Error)
+	}
+	if got := string(res.Value.Data); got != jobWant {
+		return 0, fmt.Errorf("job returned %s, want %s", got, jobWant)
+	}
+	if mode == sandbox.SnapshotUse && sb.Restores.Load() == 0 {
+		return 0, errors.New("the sandbox cold-booted instead of restoring a snapshot")
+	}
+	return el, nil
 }
 
 // bootOnce cold-boots the variant's image to run bootScript and returns the
@@ -209,7 +316,7 @@ func bootOnce(ctx context.Context, o *Options, r *bootRow) (vm.Timings, float64,
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	cfg := vmConfig(o)
-	cfg.Image, cfg.VMM, cfg.MemoryMiB, cfg.VCPUs = r.img, r.v.VMM, r.v.MemoryMiB, r.v.VCPUs
+	cfg.Image, cfg.VMM, cfg.Machine, cfg.MemoryMiB, cfg.VCPUs = r.img, r.v.VMM, r.v.Machine, r.v.MemoryMiB, r.v.VCPUs
 	var stdout, stderr bytes.Buffer
 	m, err := vm.New(cfg, vm.WithCommand([]string{"python3", "-c", bootScript}, nil, vm.Stdio{Stdout: &stdout, Stderr: &stderr}))
 	if err != nil {
@@ -286,12 +393,16 @@ func localImage(ctx context.Context, o *Options, pkg, variant string, bo build.O
 	if bo.Filesystem == "squashfs" {
 		wantFS, wantComp = "squashfs", "zstd"
 	}
+	wantKernel := bo.KernelKind
+	if wantKernel == "" {
+		wantKernel = s.Kernel
+	}
 	if p := o.Images[pkg]; p != "" && bo.Kernel == "" {
 		img, err := image.Open(p)
 		if err != nil {
 			return "", false, fmt.Errorf("opening the given %s image: %w", pkg, err)
 		}
-		if img.Manifest != nil && img.Manifest.Rootfs.Filesystem == wantFS && img.Manifest.Rootfs.Compression == wantComp {
+		if img.Manifest != nil && img.Manifest.Rootfs.Filesystem == wantFS && img.Manifest.Rootfs.Compression == wantComp && img.Manifest.KernelKind() == wantKernel {
 			return img.Path, true, nil
 		}
 	}
@@ -312,7 +423,7 @@ func localImage(ctx context.Context, o *Options, pkg, variant string, bo build.O
 			h.Write(b)
 		}
 	}
-	opts, _ := json.Marshal(struct{ Filesystem, Compression, Kernel, Modules string }{bo.Filesystem, bo.Compression, bo.Kernel, bo.Modules})
+	opts, _ := json.Marshal(struct{ Filesystem, Compression, Kernel, Modules, KernelKind string }{bo.Filesystem, bo.Compression, bo.Kernel, bo.Modules, bo.KernelKind})
 	h.Write(opts)
 	key := hex.EncodeToString(h.Sum(nil))[:16]
 	path = filepath.Join(o.Work, "images", pkg+"-"+variant+"-"+key+".kimg")
