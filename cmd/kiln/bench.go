@@ -26,9 +26,10 @@ into --out:
              metadata latency; counts metadata operations
   coldstart  the same numpy job as a process, a bubblewrap container, a kiln
              cold boot and a kiln snapshot restore, interleaved (min/max/mean)
-  boot       the numpy image as erofs lz4hc, erofs uncompressed and squashfs
-             zstd, each cold-booted --runs times (default 5), interleaved:
-             image size, boot phases and import numpy inside the guest
+  boot       the numpy image with kiln's kernel on a microvm and on q35,
+             Debian's kernel on q35, erofs uncompressed and squashfs zstd,
+             --runs rounds (default 5), interleaved: image size, boot
+             phases, import numpy, first result cold and restored
   invoke     warm-call latency (no-op and numpy) on one kiln VM, in a new
              host python3 process per call and in one warm host python3,
              interleaved; then the PSS of snapshot clones side by side
