@@ -50,6 +50,7 @@ func makeTask(fn, file, args, kwargs string) (*task.Task, error) {
 			return nil, fmt.Errorf("reading --file: %w", err)
 		}
 		t.Kind, t.Source, t.Name = task.KindSource, string(src), fn
+		t.Filename = file // tracebacks name the user's file and line
 	case fn != "":
 		if !strings.Contains(fn, ":") {
 			return nil, fmt.Errorf("--function %q: want MOD:FN (e.g. math:factorial), or --file FILE --function FN", fn)

@@ -276,7 +276,7 @@ func Build(ctx context.Context, s *spec.Spec, o Options) (*Result, error) {
 		Format:      image.FormatVersion,
 		Name:        s.Name,
 		Spec:        &ms,
-		Python:      image.Python{Version: st.PythonVersion, Executable: st.PythonExe, Debian: st.Debian},
+		Python:      image.Python{Version: st.PythonVersion, Executable: st.PythonExe, Debian: st.Debian, Modules: st.Modules},
 		Kernel:      image.Kernel{Kind: k.Kind, Version: k.Version, Package: k.Package, PackageVersion: k.PackageVersion, ConfigDigest: k.ConfigDigest},
 		Rootfs:      image.Rootfs{Filesystem: fsType, Compression: comp, Files: st.Files, TreeBytes: st.TreeBytes},
 		Command:     s.Command,

@@ -11,6 +11,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net/textproto"
 	"os"
 	"os/exec"
@@ -61,8 +62,9 @@ type Stage struct {
 	PythonExe     string // guest path of the real interpreter binary
 	Debian        bool   // the interpreter is Debian's own
 	Distributions []Distribution
-	Files         int   // regular files in the tree
-	TreeBytes     int64 // their total size
+	Modules       []string // top-level modules of the site directories
+	Files         int      // regular files in the tree
+	TreeBytes     int64    // their total size
 }
 
 // pyInfo is what the probe script reports about an interpreter.
@@ -251,8 +253,14 @@ func StageRootfs(ctx context.Context, s *spec.Spec, o StageOptions, dir string) 
 		dists = append(dists, d...)
 	}
 
+	// Every image carries a POSIX shell, Debian's dash, as /bin/sh: shell
+	// tasks and `kiln run IMAGE -- sh -c …` need one.
+	debs := s.Debian
+	if !slices.Contains(debs, ShellPackage) {
+		debs = append(slices.Clone(debs), ShellPackage)
+	}
 	roots := []string{"/"}
-	if len(s.Debian) > 0 {
+	if len(debs) > 0 {
 		debroot, err := os.MkdirTemp("", "kiln-debroot-")
 		if err != nil {
 			return nil, fmt.Errorf("creating Debian extraction directory: %w", err)
@@ -260,7 +268,7 @@ func StageRootfs(ctx context.Context, s *spec.Spec, o StageOptions, dir string) 
 		defer os.RemoveAll(debroot)
 		var named []Distribution
 		if err := st.step("debian packages", func() (detail string, err error) {
-			detail, named, err = st.stageDebian(debroot)
+			detail, named, err = st.stageDebian(debroot, debs)
 			return detail, err
 		}); err != nil {
 			return nil, err
@@ -328,6 +336,9 @@ func StageRootfs(ctx context.Context, s *spec.Spec, o StageOptions, dir string) 
 		return dists[i].Source < dists[j].Source
 	})
 	res.Distributions = dists
+	if res.Modules, err = topModules(st.host(lay.site), st.host(debSiteDir)); err != nil {
+		return nil, err
+	}
 	res.Files, res.TreeBytes, err = treeStats(dir)
 	if err != nil {
 		return nil, err
@@ -448,6 +459,9 @@ func (st *stager) skipSite(rel string, d fs.DirEntry) bool {
 	return d.IsDir() && (name == "tests" || name == "test") && !st.keep[name]
 }
 
+// ShellPackage is the Debian package that gives every image its /bin/sh.
+const ShellPackage = "dash"
+
 // pythonPackages returns the Debian packages of names that hold Python
 // modules for Debian's interpreter (python3 and python3-*).
 func pythonPackages(names []string) []string {
@@ -467,8 +481,8 @@ func pythonPackages(names []string) []string {
 // package such as libgomp1 lands in the image even when nothing links to
 // it. It returns the step's detail and the named packages as
 // distributions.
-func (st *stager) stageDebian(debroot string) (string, []Distribution, error) {
-	pkgs, err := debian.Resolve(st.ctx, st.s.Debian)
+func (st *stager) stageDebian(debroot string, names []string) (string, []Distribution, error) {
+	pkgs, err := debian.Resolve(st.ctx, names)
 	if err != nil {
 		return "", nil, err
 	}
@@ -487,7 +501,7 @@ func (st *stager) stageDebian(debroot string) (string, []Distribution, error) {
 	var named []debian.Package
 	var dists []Distribution
 	for _, p := range pkgs {
-		if slices.Contains(st.s.Debian, p.Name) {
+		if slices.Contains(names, p.Name) {
 			named = append(named, p)
 			if len(pythonPackages([]string{p.Name})) == 0 {
 				dists = append(dists, Distribution{Name: p.Name, Version: p.Version, Source: "debian-package"})
@@ -503,7 +517,7 @@ func (st *stager) stageDebian(debroot string) (string, []Distribution, error) {
 		return "", nil, err
 	}
 	if err := copyTree(own, st.dir, skipDebianDocs); err != nil {
-		return "", nil, fmt.Errorf("copying the files of Debian packages %s: %w", strings.Join(st.s.Debian, ", "), err)
+		return "", nil, fmt.Errorf("copying the files of Debian packages %s: %w", strings.Join(names, ", "), err)
 	}
 	n := 0
 	if isDir(st.host(debSiteDir)) {
@@ -755,6 +769,40 @@ func (st *stager) compile(python string, guestDirs []string) error {
 		return fmt.Errorf("byte-compiling with %s: %w: %s", python, err, tailString(string(out), 2000))
 	}
 	return nil
+}
+
+// topModules lists the importable top-level modules of site directories:
+// packages (directories, namespace packages too), .py files and extension
+// modules, sorted and without repeats.
+func topModules(sites ...string) ([]string, error) {
+	seen := map[string]bool{}
+	for _, site := range sites {
+		ents, err := os.ReadDir(site)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("listing modules in %s: %w", site, err)
+		}
+		for _, e := range ents {
+			name := e.Name()
+			var mod string
+			switch {
+			case e.IsDir():
+				if !strings.Contains(name, ".") && name != "__pycache__" {
+					mod = name
+				}
+			case strings.HasSuffix(name, ".py"):
+				mod = strings.TrimSuffix(name, ".py")
+			case strings.HasSuffix(name, ".so"):
+				mod, _, _ = strings.Cut(name, ".")
+			}
+			if mod != "" && !strings.HasPrefix(mod, "_distutils_hack") {
+				seen[mod] = true
+			}
+		}
+	}
+	return slices.Sorted(maps.Keys(seen)), nil
 }
 
 // readDistributions lists the distributions installed in a site directory.

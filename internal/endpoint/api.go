@@ -64,19 +64,33 @@ func DecodeRegister(r io.Reader) (*apitype.RegisterRequest, error) {
 	if err := decodeStrict(r, &req); err != nil {
 		return nil, err
 	}
-	if req.Kind == "" {
-		switch {
-		case req.Source != "":
-			req.Kind = task.KindSource
-		case len(req.Pickle) > 0:
-			req.Kind = task.KindPickle
-		case req.Ref != "":
-			req.Kind = task.KindRef
-		default:
-			return nil, errors.New("nothing to run: give source (with function), pickle or ref")
+	var given []string
+	for _, f := range []struct {
+		name, kind string
+		set        bool
+	}{
+		{"source", task.KindSource, req.Source != ""}, {"pickle", task.KindPickle, len(req.Pickle) > 0},
+		{"ref", task.KindRef, req.Ref != ""}, {"command", task.KindShell, req.Command != ""},
+	} {
+		if f.set {
+			given = append(given, f.name)
+			if req.Kind == "" {
+				req.Kind = f.kind
+			}
 		}
 	}
-	t := task.Task{Kind: req.Kind, Ref: req.Ref, Source: req.Source, Name: req.Function, Pickle: req.Pickle, Pickler: req.Pickler}
+	switch len(given) {
+	case 0:
+		return nil, errors.New("nothing to run: give one of source (with function), pickle, ref and command")
+	case 1:
+	default:
+		return nil, fmt.Errorf("give exactly one of source, pickle, ref and command, not %s", strings.Join(given, " and "))
+	}
+	if (req.Namespace != nil || req.Module != "" || req.Filename != "") && req.Kind != task.KindSource {
+		return nil, errors.New("module, filename and namespace go with source only")
+	}
+	t := task.Task{Kind: req.Kind, Ref: req.Ref, Source: req.Source, Name: req.Function, Pickle: req.Pickle, Pickler: req.Pickler,
+		Module: req.Module, Filename: req.Filename, Lineno: req.Lineno, Namespace: req.Namespace, Command: req.Command, Walltime: req.Walltime}
 	if err := t.Validate(); err != nil {
 		return nil, err
 	}
@@ -126,6 +140,9 @@ func checkSubmit(r *apitype.SubmitRequest) error {
 	if err := checkValue(r.Args, "args", '['); err != nil {
 		return err
 	}
+	if len(r.TaskGroup) > 200 {
+		return errors.New("task_group is longer than 200 bytes")
+	}
 	return checkValue(r.Kwargs, "kwargs", '{')
 }
 
@@ -161,6 +178,9 @@ func DecodeBatch(r io.Reader, max int) (*apitype.BatchRequest, error) {
 		if t.FunctionID == "" {
 			t.FunctionID = req.FunctionID
 		}
+		if t.TaskGroup == "" {
+			t.TaskGroup = req.TaskGroup
+		}
 		if t.FunctionID == "" {
 			return nil, fmt.Errorf("task %d: no function_id", i)
 		}
@@ -177,8 +197,13 @@ func DecodeWait(r io.Reader, max int) (*apitype.WaitRequest, error) {
 	if err := decodeStrict(r, &req); err != nil {
 		return nil, err
 	}
-	if len(req.TaskIDs) == 0 {
-		return nil, errors.New("no task_ids")
+	switch {
+	case len(req.TaskIDs) == 0 && req.TaskGroup == "":
+		return nil, errors.New("give task_ids, or a task_group (with the cursor of the previous answer)")
+	case len(req.TaskIDs) > 0 && req.TaskGroup != "":
+		return nil, errors.New("give task_ids or a task_group, not both")
+	case req.Cursor < 0:
+		return nil, errors.New("cursor must not be negative")
 	}
 	if len(req.TaskIDs) > max {
 		return nil, fmt.Errorf("%d task ids is over the limit of %d", len(req.TaskIDs), max)
@@ -186,11 +211,14 @@ func DecodeWait(r io.Reader, max int) (*apitype.WaitRequest, error) {
 	if req.Timeout < 0 {
 		return nil, errors.New("timeout must not be negative")
 	}
+	if len(req.KnownRunning) > max {
+		return nil, fmt.Errorf("%d known running ids is over the limit of %d", len(req.KnownRunning), max)
+	}
 	return &req, nil
 }
 
 func viewFunction(f *Function) apitype.FunctionView {
-	return apitype.FunctionView{ID: f.ID, Name: f.Name, Kind: f.Kind, Function: f.Entry, Ref: f.Ref, Pickler: f.Pickler,
+	return apitype.FunctionView{ID: f.ID, Name: f.Name, Kind: f.Kind, Function: f.Entry, Module: f.Module, Filename: f.Filename, Command: f.Command, Ref: f.Ref, Pickler: f.Pickler,
 		SourceBytes: len(f.Source), PickleBytes: len(f.Pickle), Image: f.Image, ImageDigest: f.ImageDigest,
 		Timeout: apitype.Duration(f.Timeout()), MemoryMiB: f.MemoryMiB, MaxResult: f.MaxResult, MaxRetries: f.MaxRetries, CreatedAt: f.Created}
 }
@@ -203,7 +231,7 @@ func timePtr(t time.Time) *time.Time {
 }
 
 func viewTask(t *TaskRecord, withResult bool) apitype.TaskView {
-	v := apitype.TaskView{ID: t.ID, FunctionID: t.FunctionID, State: t.State, Attempts: t.Attempts, CreatedAt: t.Created,
+	v := apitype.TaskView{ID: t.ID, FunctionID: t.FunctionID, TaskGroup: t.TaskGroup, State: t.State, Attempts: t.Attempts, CreatedAt: t.Created,
 		StartedAt: timePtr(t.Started), FinishedAt: timePtr(t.Finished), Error: t.Error, ErrorCode: t.ErrorCode}
 	if withResult {
 		v.Result = t.Result
@@ -350,7 +378,11 @@ func (s *Server) registerFunction(w http.ResponseWriter, r *http.Request) error 
 		return errorf(http.StatusBadRequest, apitype.ErrCodeBadImage, "%s", err.Error())
 	}
 	fn := &Function{Name: req.Name, Kind: req.Kind, Source: req.Source, Entry: req.Function, Ref: req.Ref, Pickle: req.Pickle, Pickler: req.Pickler,
-		Image: req.Image, ImagePath: info.Path, ImageDigest: info.Digest, MaxRetries: req.MaxRetries}
+		Module: req.Module, Filename: req.Filename, Lineno: req.Lineno, Namespace: req.Namespace, ExactTypes: req.ExactTypes,
+		Command: req.Command, Walltime: req.Walltime,
+		// The image by its name in the images directory, however the
+		// request spelled it: the same function has the same id.
+		Image: info.Name, ImagePath: info.Path, ImageDigest: info.Digest, MaxRetries: req.MaxRetries}
 	timeout := time.Duration(req.Timeout)
 	if timeout == 0 {
 		timeout = s.cfg.DefaultTimeout
@@ -377,7 +409,7 @@ func (s *Server) registerFunction(w http.ResponseWriter, r *http.Request) error 
 		return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "max_result %d is over the endpoint's limit of %d bytes", fn.MaxResult, s.cfg.MaxResultCap)
 	}
 	if fn.Name == "" {
-		fn.Name = map[string]string{task.KindSource: fn.Entry, task.KindRef: fn.Ref, task.KindPickle: "pickled"}[fn.Kind]
+		fn.Name = map[string]string{task.KindSource: fn.Entry, task.KindRef: fn.Ref, task.KindPickle: "pickled", task.KindShell: "shell"}[fn.Kind]
 	}
 	// Content address: registering the same function twice gives one id.
 	body, _ := json.Marshal(fn)
@@ -473,7 +505,7 @@ func (s *Server) enqueue(ctx context.Context, reqs []apitype.SubmitRequest) ([]s
 	ids := make([]string, len(reqs))
 	for i, q := range reqs {
 		ids[i] = randomID("t-")
-		nts[i] = NewTask{ID: ids[i], FunctionID: q.FunctionID, Args: marshalValue(q.Args), Kwargs: marshalValue(q.Kwargs)}
+		nts[i] = NewTask{ID: ids[i], FunctionID: q.FunctionID, Args: marshalValue(q.Args), Kwargs: marshalValue(q.Kwargs), TaskGroup: q.TaskGroup}
 	}
 	now := time.Now()
 	if _, err := s.store.InsertTasks(ctx, now, nts); err != nil {
@@ -569,6 +601,9 @@ func (s *Server) waitTasks(w http.ResponseWriter, r *http.Request) error {
 		return badRequest(err)
 	}
 	wait := min(time.Duration(req.Timeout), s.cfg.MaxWait)
+	if req.TaskGroup != "" {
+		return s.waitGroup(w, r, req.TaskGroup, req.Cursor, wait)
+	}
 	wt, done := s.w.add(req.TaskIDs)
 	defer done()
 	deadline := time.Now().Add(wait)
@@ -579,6 +614,8 @@ func (s *Server) waitTasks(w http.ResponseWriter, r *http.Request) error {
 		if err != nil {
 			return err
 		}
+		var running []string
+		fresh := false // a task started that the client does not know runs
 		for _, id := range req.TaskIDs {
 			t := ts[id]
 			if t == nil {
@@ -587,17 +624,20 @@ func (s *Server) waitTasks(w http.ResponseWriter, r *http.Request) error {
 			}
 			if apitype.Finished(t.State) {
 				out = append(out, viewTask(t, true))
+			} else if req.Running && t.State == apitype.StateRunning {
+				running = append(running, id)
+				fresh = fresh || !slices.Contains(req.KnownRunning, id)
 			}
 		}
 		left := time.Until(deadline)
-		if len(out) > 0 || len(unknown) > 0 || left <= 0 {
+		if len(out) > 0 || len(unknown) > 0 || left <= 0 || fresh {
 			if out == nil {
 				out = []apitype.TaskView{}
 			}
 			if unknown == nil {
 				unknown = []string{}
 			}
-			writeJSON(w, http.StatusOK, apitype.WaitResponse{Tasks: out, Unknown: unknown})
+			writeJSON(w, http.StatusOK, apitype.WaitResponse{Tasks: out, Unknown: unknown, Running: running})
 			return nil
 		}
 		timer := time.NewTimer(left)
@@ -614,9 +654,46 @@ func (s *Server) waitTasks(w http.ResponseWriter, r *http.Request) error {
 	}
 }
 
+// waitGroup answers a group wait: the group's tasks that changed state
+// after cursor, waiting up to wait for one.
+func (s *Server) waitGroup(w http.ResponseWriter, r *http.Request, group string, cursor int64, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		wt, done := s.w.add([]string{anyTask})
+		ts, err := s.store.GroupEvents(r.Context(), group, cursor, s.cfg.MaxBatch)
+		if err != nil {
+			done()
+			return err
+		}
+		left := time.Until(deadline)
+		if len(ts) > 0 || left <= 0 {
+			done()
+			out := make([]apitype.TaskView, 0, len(ts))
+			next := cursor
+			for _, t := range ts {
+				out = append(out, viewTask(t, apitype.Finished(t.State)))
+				next = max(next, t.EventSeq)
+			}
+			writeJSON(w, http.StatusOK, apitype.WaitResponse{Tasks: out, Unknown: []string{}, Cursor: next})
+			return nil
+		}
+		timer := time.NewTimer(left)
+		select {
+		case <-wt.ch:
+		case <-timer.C:
+		case <-r.Context().Done():
+			timer.Stop()
+			done()
+			return nil
+		}
+		timer.Stop()
+		done()
+	}
+}
+
 func (s *Server) listTasks(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
-	f := TaskFilter{State: q.Get("state"), FunctionID: q.Get("function_id")}
+	f := TaskFilter{State: q.Get("state"), FunctionID: q.Get("function_id"), TaskGroup: q.Get("task_group")}
 	if f.State != "" && !slices.Contains(apitype.States, f.State) {
 		return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "state=%q: want one of %s", f.State, strings.Join(apitype.States, ", "))
 	}
@@ -648,8 +725,19 @@ func (s *Server) listTasks(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// cancelTask cancels a queued task, and a running one unless
+// ?only_queued=true (what an Executor's Future.cancel needs: a running
+// task is not cancelled, as concurrent.futures does).
 func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request) error {
 	id := r.PathValue("id")
+	onlyQueued := false
+	if v := r.URL.Query().Get("only_queued"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "only_queued=%q: want true or false", v)
+		}
+		onlyQueued = b
+	}
 	t, err := s.task(r.Context(), id)
 	if err != nil {
 		return err
@@ -664,11 +752,13 @@ func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request) error {
 			s.sched.removeQueued(t.FunctionID, id)
 			s.m.completed.WithLabelValues(apitype.StateCancelled).Inc()
 			s.w.notify(id)
-		} else {
+		} else if !onlyQueued {
 			s.sched.cancelRunning(id) // it started meanwhile
 		}
 	case apitype.StateRunning:
-		s.sched.cancelRunning(id)
+		if !onlyQueued {
+			s.sched.cancelRunning(id)
+		}
 	}
 	if t, err = s.task(r.Context(), id); err != nil {
 		return err

@@ -430,10 +430,17 @@ func (ws *waiters) add(ids []string) (*waiter, func()) {
 	}
 }
 
+// anyTask is the key of waiters woken by every task's state change (group
+// waits, which then read what changed).
+const anyTask = "*"
+
 func (ws *waiters) notify(id string) {
 	ws.mu.Lock()
 	defer ws.mu.Unlock()
 	for w := range ws.m[id] {
+		w.fire()
+	}
+	for w := range ws.m[anyTask] {
 		w.fire()
 	}
 }

@@ -14,6 +14,23 @@ var decoderSeeds = []string{
 	`{"image":"numpy","pickle":"gAQu","pickler":"cloudpickle","timeout":12.5}`,
 	`{"image":"numpy","ref":"math:factorial"}`,
 	`{"task_ids":["t-1","t-2"],"timeout":"5s"}`,
+	`{"task_ids":["t-1"],"running":true,"known_running":["t-1"]}`,
+	`{"task_group":"tg-1","cursor":17,"timeout":30}`,
+	`{"task_group":"tg-1","task_ids":["t-1"]}`, `{"task_group":"tg-1","cursor":-1}`,
+	`{"function_id":"fn-1","task_group":"tg-1","args":{"enc":"json","data":[1]}}`,
+	`{"tasks":[{"function_id":"fn-1"}],"task_group":"tg-2"}`,
+	`{"image":"numpy","source":"def f():
+    return np.pi
+","function":"f","module":"__main__","filename":"/home/u/a.py","lineno":12,` +
+		`"namespace":[{"name":"np","import":"numpy"},{"name":"K","value":{"enc":"json","data":3}},{"name":"g","source":"def g():
+    return 1
+","lineno":3}],"exact_types":true}`,
+	`{"image":"numpy","command":"echo {x} | wc -c","walltime":2.5}`,
+	`{"image":"numpy","kind":"shell","command":"true","walltime":-1}`,
+	`{"image":"numpy","source":"def f():
+    return 1
+","ref":"math:factorial"}`,
+	`{"image":"numpy","ref":"math:factorial","namespace":[{"name":"x","import":"os"}]}`,
 	`{"function_id":`, `[]`, `null`, `{"x":1}`, `{"function_id":"a"} trailing`, "",
 	`{"args":{"enc":"json","data":{}}}`, `{"timeout":-1}`, `{"timeout":1e300}`,
 }
@@ -70,8 +87,17 @@ func FuzzDecodeRegister(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if req.Image == "" || req.Kind == "" || req.Timeout < 0 || req.MemoryMiB < 0 || req.MaxRetries < 0 {
+		if req.Image == "" || req.Kind == "" || req.Timeout < 0 || req.MemoryMiB < 0 || req.MaxRetries < 0 || req.Walltime < 0 {
 			t.Errorf("DecodeRegister(%q) accepted %+v", b, req)
+		}
+		given := 0
+		for _, set := range []bool{req.Source != "", len(req.Pickle) > 0, req.Ref != "", req.Command != ""} {
+			if set {
+				given++
+			}
+		}
+		if given != 1 {
+			t.Errorf("DecodeRegister(%q) accepted %d of source, pickle, ref and command, want exactly 1", b, given)
 		}
 	})
 }
@@ -83,7 +109,7 @@ func FuzzDecodeWait(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if len(req.TaskIDs) == 0 || req.Timeout < 0 {
+		if (len(req.TaskIDs) == 0) == (req.TaskGroup == "") || req.Timeout < 0 || req.Cursor < 0 {
 			t.Errorf("DecodeWait(%q) accepted %+v", b, req)
 		}
 	})

@@ -10,8 +10,10 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -40,7 +42,11 @@ func helperMain(cfgJSON string) int {
 		fmt.Fprintln(os.Stderr, "helper:", err)
 		return 1
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	listen := hc.Listen
+	if listen == "" {
+		listen = "127.0.0.1:0"
+	}
+	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "helper:", err)
 		return 1
@@ -54,8 +60,55 @@ func helperMain(cfgJSON string) int {
 
 type helperConfig struct {
 	State, Images, AddrFile string
+	Listen                  string // default: a free loopback port
 	MaxVMs                  int
 	Paused                  bool
+}
+
+// endpointProcess is an endpoint in a re-executed test binary, for tests
+// that kill it -9.
+type endpointProcess struct {
+	cmd  *exec.Cmd
+	addr string
+	done chan struct{} // closed when the process has been reaped
+}
+
+// startEndpointProcess starts an endpoint subprocess and waits for its
+// address; the test's cleanup kills it if the test did not.
+func startEndpointProcess(t *testing.T, hc helperConfig) *endpointProcess {
+	t.Helper()
+	hc.AddrFile = filepath.Join(t.TempDir(), "addr")
+	j, _ := json.Marshal(hc)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "KILN_ENDPOINT_HELPER="+string(j))
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &endpointProcess{cmd: cmd, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(p.kill)
+	testutil.WaitFor(t, 2*time.Minute, "the endpoint subprocess writing its address", func() bool {
+		select {
+		case <-p.done:
+			t.Fatalf("the endpoint subprocess exited before listening: %v", cmd.ProcessState)
+		default:
+		}
+		_, err := os.Stat(hc.AddrFile)
+		return err == nil
+	})
+	addr, err := os.ReadFile(hc.AddrFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.addr = string(addr)
+	return p
+}
+
+// kill SIGKILLs the endpoint and waits until it is gone.
+func (p *endpointProcess) kill() {
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
 }
 
 // client talks to an endpoint over real HTTP.

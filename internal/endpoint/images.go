@@ -121,6 +121,7 @@ func (im *images) entry(path string) (imgEntry, error) {
 		info.MemoryMiB = m.MemoryMiB
 		info.Python = m.Python.Version
 		info.Preload = m.Preload
+		info.Modules = m.Python.Modules
 	}
 	e = imgEntry{size: st.Size(), mtime: st.ModTime(), info: info, img: img}
 	im.mu.Lock()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -162,6 +163,29 @@ func (s *scheduler) enqueueLocked(fn *Function, items ...qitem) {
 	s.queued += len(items)
 }
 
+// ringIndex returns the ring position of function id (which has queued tasks).
+func (s *scheduler) ringIndex(id string) int {
+	for i, f := range s.ring {
+		if f == id {
+			return i
+		}
+	}
+	return -1
+}
+
+// enqueueFrontLocked puts tasks of fn back at the head of its queue, in
+// order (tasks a VM took and did not run).
+func (s *scheduler) enqueueFrontLocked(fn *Function, items []qitem) {
+	q := s.queues[fn.ID]
+	if q == nil {
+		s.enqueueLocked(fn, items...)
+		return
+	}
+	q.items = append(slices.Clone(items), q.items...)
+	s.poolFor(fn).queued += len(items)
+	s.queued += len(items)
+}
+
 // popLocked removes the head task of the function at ring index i.
 func (s *scheduler) popLocked(i int) (*Function, qitem) {
 	id := s.ring[i]
@@ -251,9 +275,15 @@ func (s *scheduler) dispatch() {
 			v := p.idle[len(p.idle)-1]
 			p.idle = p.idle[:len(p.idle)-1]
 			p.busy++
+			n := s.batchSizeLocked(len(q.items), p)
 			fn, it := s.popLocked(i)
+			items := []qitem{it}
+			for len(items) < n && s.queues[fn.ID] == q {
+				_, it := s.popLocked(s.ringIndex(fn.ID))
+				items = append(items, it)
+			}
 			s.wg.Add(1)
-			go s.run(v, fn, it, time.Now())
+			go s.run(v, fn, items, time.Now())
 			progress = true
 			break
 		}
@@ -441,10 +471,35 @@ func (s *scheduler) complete(id string, c Completion) {
 	s.notify(id)
 }
 
-// run executes one task on v and gives v back to its pool (or drops it).
-func (s *scheduler) run(v *warmVM, fn *Function, it qitem, picked time.Time) {
+// batchMax caps the tasks of one function a VM takes per turn: enough to
+// keep a VM busy between dispatch rounds, few enough that the functions
+// sharing a pool take turns.
+const batchMax = 64
+
+// batchSizeLocked is how many of a function's n queued tasks one of pool
+// p's VMs takes: an even share of the VMs the pool has or may start, at
+// most batchMax, so that batching never keeps a task from a VM that could
+// run it at once.
+func (s *scheduler) batchSizeLocked(n int, p *pool) int {
+	vms := max(p.total(), min(s.cfg.PoolMax, s.cfg.MaxVMs), 1)
+	return min(max(n/vms, 1), batchMax)
+}
+
+// issued is a task of a batch that was sent to its VM.
+type issued struct {
+	it      qitem
+	rec     *TaskRecord
+	started time.Time // zero until it starts
+}
+
+// run executes a batch of fn's tasks on v, one after another, each sent
+// while the one before runs (sandbox.InvokeEach), and gives v back to its
+// pool (or drops it). A task is marked running when it starts, in the
+// same transaction that completes the one before.
+func (s *scheduler) run(v *warmVM, fn *Function, items []qitem, picked time.Time) {
 	defer s.wg.Done()
-	keep := false
+	keep := true
+	var giveBack []qitem // not run: back to the head of the queue
 	defer func() {
 		s.mu.Lock()
 		v.pool.busy--
@@ -455,76 +510,146 @@ func (s *scheduler) run(v *warmVM, fn *Function, it qitem, picked time.Time) {
 		} else {
 			s.dropLocked(v)
 		}
+		if len(giveBack) > 0 && s.ctx.Err() == nil {
+			s.enqueueFrontLocked(fn, giveBack)
+		}
 		s.mu.Unlock()
 		s.poke()
 	}()
-	// Register before the task starts so that a cancel never misses it.
 	rctx, rcancel := context.WithCancel(s.ctx)
 	defer rcancel()
-	r := &running{cancel: rcancel}
-	s.mu.Lock()
-	s.running[it.id] = r
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.running, it.id)
-		s.mu.Unlock()
-	}()
-	now := time.Now()
-	ok, err := s.store.MarkRunning(s.ctx, it.id, now)
+	pending := items
+	var sent []*issued // sent and not done, oldest first
+	// One read for the batch; a task cancelled after it is caught by the
+	// guarded state change that starts it.
+	ids := make([]string, len(items))
+	for i, it := range items {
+		ids[i] = it.id
+	}
+	recs, err := s.store.TasksByID(s.ctx, ids)
 	if err != nil {
-		s.log.Error("starting a task", "task", it.id, "error", err)
-		// The task stays queued in the store and runs after a restart.
-		keep = true
+		s.log.Error("reading tasks", "error", err)
+		giveBack = items // still queued in the store
 		return
 	}
-	if !ok { // cancelled (or expired) while queued
-		keep = true
-		return
-	}
-	s.m.observeQueueWait(now.Sub(it.enq))
-	if v.fresh {
-		s.m.observeAcquire(v.kind, v.startDur)
-	} else {
-		s.m.observeAcquire(AcquireWarm, time.Since(picked))
-	}
-	rec, err := s.store.Task(s.ctx, it.id)
-	if err != nil {
-		keep = true
-		s.complete(it.id, Completion{State: apitype.StateFailed, Error: "reading the task: " + err.Error(), ErrorCode: apitype.CodeInternal})
-		return
-	}
-	tk := buildTask(fn, rec)
-	ctx, cancel := context.WithTimeout(rctx, fn.Timeout())
-	defer cancel()
-	t0 := time.Now()
-	res, err := v.sb.Invoke(ctx, tk)
-	s.m.observeExec(time.Since(t0))
-	s.mu.Lock()
-	userCancelled := r.cancelled
-	s.mu.Unlock()
 
-	c, keepVM, retry := s.classify(fn, rec.Attempts+1, res, err, ctx, userCancelled)
-	keep = keepVM
-	if s.ctx.Err() != nil && err != nil {
-		// Shutting down: the task runs again after the restart.
-		if _, err := s.store.Requeue(context.Background(), it.id); err != nil {
-			s.log.Error("requeueing an interrupted task", "task", it.id, "error", err)
+	// begin registers e as running (a cancel of it stops the VM) and
+	// records its start; s.notify is the caller's.
+	begin := func(e *issued, now time.Time) {
+		e.started = now
+		s.mu.Lock()
+		s.running[e.it.id] = &running{cancel: rcancel}
+		s.mu.Unlock()
+		s.m.observeQueueWait(now.Sub(e.it.enq))
+		if v.fresh && e == sent[0] && len(pending) == len(items)-1 {
+			s.m.observeAcquire(v.kind, v.startDur)
+		} else {
+			s.m.observeAcquire(AcquireWarm, now.Sub(picked))
 		}
-		return
+		picked = now
 	}
-	if retry {
-		ok, err := s.store.Requeue(context.Background(), it.id)
-		if err != nil {
-			s.log.Error("requeueing a task", "task", it.id, "error", err)
+	next := func() *task.Task {
+		for keep && len(pending) > 0 && rctx.Err() == nil {
+			it := pending[0]
+			pending = pending[1:]
+			rec := recs[it.id]
+			if rec == nil {
+				continue // expired
+			}
+			if rec.State != apitype.StateQueued {
+				continue // cancelled while it waited in the batch
+			}
+			e := &issued{it: it, rec: rec}
+			if len(sent) == 0 {
+				// Nothing runs before it: it starts now.
+				now := time.Now()
+				ok, err := s.store.MarkRunning(s.ctx, it.id, now)
+				if err != nil {
+					s.log.Error("starting a task", "task", it.id, "error", err)
+					giveBack = append(giveBack, it) // still queued in the store
+					continue
+				}
+				if !ok {
+					continue
+				}
+				sent = append(sent, e)
+				begin(e, now)
+				s.notify(it.id)
+			} else {
+				sent = append(sent, e)
+			}
+			t := buildTask(fn, rec)
+			t.CacheKey = fn.ID
+			return t
 		}
-		if ok {
-			s.log.Info("retrying a task", "task", it.id, "attempt", rec.Attempts+1, "error", c.Error)
-			s.enqueue(fn, qitem{id: it.id, enq: time.Now()})
+		return nil
+	}
+	done := func(_ *task.Task, res *task.Result, err error) {
+		e := sent[0]
+		sent = sent[1:]
+		if errors.Is(err, sandbox.ErrNotRun) {
+			giveBack = append(giveBack, e.it) // sent ahead, never started: still queued
 			return
 		}
+		now := time.Now()
+		s.m.observeExec(now.Sub(e.started))
+		s.mu.Lock()
+		r := s.running[e.it.id]
+		delete(s.running, e.it.id)
+		s.mu.Unlock()
+		userCancelled := r != nil && r.cancelled
+		c, keepVM, retry := s.classify(fn, e.rec.Attempts+1, res, err, rctx, userCancelled)
+		if !keepVM {
+			keep = false
+		}
+		// The task sent after e starts now, unless e's failure ended the VM.
+		var after *issued
+		if len(sent) > 0 && !sandbox.Replaced(rctx, err) {
+			after = sent[0]
+			begin(after, now)
+		}
+		st := Step{Done: e.it.id, C: c, Now: now, TTL: s.cfg.ResultTTL}
+		// Shutting down (it runs again after the restart), or a retry.
+		shutdown := s.ctx.Err() != nil && err != nil
+		st.Requeue = shutdown || retry
+		if after != nil {
+			st.Next = after.it.id
+		}
+		id, attempt := e.it.id, e.rec.Attempts+1
+		st.Then = func(sr StepResult) {
+			if sr.Err != nil {
+				s.log.Error("writing a task's outcome", "task", id, "error", sr.Err)
+				return
+			}
+			switch {
+			case sr.Requeued:
+				s.notify(id) // long polls watching it as running see it queued again
+				if !shutdown {
+					s.log.Info("retrying a task", "task", id, "attempt", attempt, "error", c.Error)
+					s.enqueue(fn, qitem{id: id, enq: now})
+				}
+			case sr.Completed:
+				s.m.completed.WithLabelValues(c.State).Inc()
+				s.notify(id)
+			default:
+				// Cancelled while it waited in the batch: it ran for nothing.
+				s.log.Debug("task was not running; its outcome was dropped", "task", id, "state", c.State)
+			}
+			if st.Next != "" {
+				if sr.Started {
+					s.notify(st.Next)
+				} else {
+					// Cancelled while it waited: it runs, for nothing.
+					s.mu.Lock()
+					delete(s.running, st.Next)
+					s.mu.Unlock()
+				}
+			}
+		}
+		s.store.Step(st)
 	}
-	s.complete(it.id, c)
+	v.sb.InvokeEach(rctx, fn.Timeout(), next, done)
+	giveBack = append(giveBack, pending...)
 }
 
 // classify turns an Invoke outcome into a completion; keepVM says whether
@@ -562,7 +687,9 @@ func (s *scheduler) classify(fn *Function, attempt int, res *task.Result, err er
 
 // buildTask makes the agent task for a stored task of fn.
 func buildTask(fn *Function, rec *TaskRecord) *task.Task {
-	t := &task.Task{ID: rec.ID, Kind: fn.Kind, Ref: fn.Ref, Source: fn.Source, Name: fn.Entry, Pickle: fn.Pickle, Pickler: fn.Pickler, MaxResult: fn.MaxResult}
+	t := &task.Task{ID: rec.ID, Kind: fn.Kind, Ref: fn.Ref, Source: fn.Source, Name: fn.Entry, Pickle: fn.Pickle, Pickler: fn.Pickler, MaxResult: fn.MaxResult,
+		Module: fn.Module, Filename: fn.Filename, Lineno: fn.Lineno, Namespace: fn.Namespace, ExactTypes: fn.ExactTypes,
+		Command: fn.Command, Walltime: fn.Walltime}
 	if len(rec.Args) > 0 {
 		var v task.Value
 		if json.Unmarshal(rec.Args, &v) == nil {

@@ -7,12 +7,15 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 
 	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
+	"github.com/kiln-dev/kiln/internal/guest/task"
 )
 
 // RestartReason is the error of a task that was running when the endpoint died.
@@ -23,22 +26,29 @@ var ErrNotFound = errors.New("not found")
 
 // Function is a registered function: what to call, in which image, with which limits.
 type Function struct {
-	ID          string    `json:"id"`
-	Name        string    `json:"name"`
-	Kind        string    `json:"kind"` // source | pickle | ref
-	Source      string    `json:"source,omitempty"`
-	Entry       string    `json:"function,omitempty"` // name to call in Source
-	Ref         string    `json:"ref,omitempty"`
-	Pickle      []byte    `json:"pickle,omitempty"`
-	Pickler     string    `json:"pickler,omitempty"`
-	Image       string    `json:"image"`        // as given at registration
-	ImagePath   string    `json:"image_path"`   // resolved file
-	ImageDigest string    `json:"image_digest"` // digest at registration
-	TimeoutMS   int64     `json:"timeout_ms"`
-	MemoryMiB   int       `json:"memory_mib"`
-	MaxResult   int       `json:"max_result"`
-	MaxRetries  int       `json:"max_retries"`
-	Created     time.Time `json:"created_at"`
+	ID          string     `json:"id"`
+	Name        string     `json:"name"`
+	Kind        string     `json:"kind"` // source | pickle | ref
+	Source      string     `json:"source,omitempty"`
+	Entry       string     `json:"function,omitempty"` // name to call in Source
+	Module      string     `json:"module,omitempty"`   // where Source was written: module, file, line
+	Filename    string     `json:"filename,omitempty"`
+	Lineno      int        `json:"lineno,omitempty"`
+	Namespace   []task.Def `json:"namespace,omitempty"` // what the function uses from its module
+	ExactTypes  bool       `json:"exact_types,omitempty"`
+	Command     string     `json:"command,omitempty"` // a shell function's command template
+	Walltime    float64    `json:"walltime,omitempty"`
+	Ref         string     `json:"ref,omitempty"`
+	Pickle      []byte     `json:"pickle,omitempty"`
+	Pickler     string     `json:"pickler,omitempty"`
+	Image       string     `json:"image"`        // as given at registration
+	ImagePath   string     `json:"image_path"`   // resolved file
+	ImageDigest string     `json:"image_digest"` // digest at registration
+	TimeoutMS   int64      `json:"timeout_ms"`
+	MemoryMiB   int        `json:"memory_mib"`
+	MaxResult   int        `json:"max_result"`
+	MaxRetries  int        `json:"max_retries"`
+	Created     time.Time  `json:"created_at"`
 }
 
 // Timeout returns the function's per-task time limit.
@@ -62,11 +72,22 @@ type TaskRecord struct {
 	Result      json.RawMessage // a task.Result without its id, or nil
 	Error       string
 	ErrorCode   string
+	TaskGroup   string
+	EventSeq    int64 // the last state change's sequence number
 }
 
 // Store keeps functions, tasks and results in SQLite (WAL mode).
 type Store struct {
 	db *sql.DB
+	// The statements of every task's path, parsed once.
+	markRunning, complete, requeue, task, groupEvents *sql.Stmt
+
+	// Steps waiting for the writer (see Step), and the writer's state.
+	stepMu     sync.Mutex
+	stepCond   *sync.Cond
+	steps      []Step
+	stepClosed bool
+	writerDone chan struct{}
 }
 
 const schema = `
@@ -97,6 +118,52 @@ CREATE INDEX IF NOT EXISTS tasks_function ON tasks(function_id, seq);
 CREATE INDEX IF NOT EXISTS tasks_expires ON tasks(expires_ns) WHERE expires_ns > 0;
 `
 
+// columns are added to the tasks table of stores made by an older kiln.
+var columns = []struct{ name, decl string }{
+	{"task_group", "TEXT NOT NULL DEFAULT ''"},
+	// event_seq orders state changes (running, finished, requeued): a
+	// group's waiters read what changed after the last one they saw.
+	{"event_seq", "INTEGER NOT NULL DEFAULT 0"},
+}
+
+// migrate adds the columns an older store lacks, and their indexes.
+func migrate(db *sql.DB) error {
+	have := map[string]bool{}
+	rows, err := db.Query(`SELECT name FROM pragma_table_info('tasks')`)
+	if err != nil {
+		return err
+	}
+	for rows.Next() {
+		var n string
+		if err := rows.Scan(&n); err != nil {
+			rows.Close()
+			return err
+		}
+		have[n] = true
+	}
+	rows.Close()
+	for _, c := range columns {
+		if !have[c.name] {
+			if _, err := db.Exec(`ALTER TABLE tasks ADD COLUMN ` + c.name + ` ` + c.decl); err != nil {
+				return err
+			}
+		}
+	}
+	for _, ix := range []string{
+		`CREATE INDEX IF NOT EXISTS tasks_group ON tasks(task_group, seq) WHERE task_group != ''`,
+		`CREATE INDEX IF NOT EXISTS tasks_group_events ON tasks(task_group, event_seq) WHERE task_group != ''`,
+		`CREATE INDEX IF NOT EXISTS tasks_events ON tasks(event_seq)`,
+	} {
+		if _, err := db.Exec(ix); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// nextEvent is the SQL expression of the next event sequence number.
+const nextEvent = `(SELECT COALESCE(MAX(event_seq), 0) + 1 FROM tasks)`
+
 // OpenStore opens (creating if needed) the database at path.
 func OpenStore(path string) (*Store, error) {
 	q := url.Values{}
@@ -123,11 +190,147 @@ func OpenStore(path string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("creating task store schema in %s: %w", path, err)
 	}
-	return &Store{db: db}, nil
+	if err := migrate(db); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("upgrading task store %s: %w", path, err)
+	}
+	s := &Store{db: db, writerDone: make(chan struct{})}
+	s.stepCond = sync.NewCond(&s.stepMu)
+	for _, p := range []struct {
+		dst **sql.Stmt
+		sql string
+	}{
+		{&s.markRunning, markRunningSQL},
+		{&s.complete, completeSQL},
+		{&s.requeue, requeueSQL},
+		{&s.task, `SELECT ` + taskCols + ` FROM tasks WHERE id = ?`},
+		{&s.groupEvents, `SELECT ` + taskCols + ` FROM tasks WHERE task_group = ? AND event_seq > ? ORDER BY event_seq LIMIT ?`},
+	} {
+		if *p.dst, err = db.Prepare(p.sql); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("preparing task store statements in %s: %w", path, err)
+		}
+	}
+	go s.writer()
+	return s, nil
 }
 
-// Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+// Close writes the steps still queued, then closes the database.
+func (s *Store) Close() error {
+	s.stepMu.Lock()
+	s.stepClosed = true
+	s.stepCond.Broadcast()
+	s.stepMu.Unlock()
+	<-s.writerDone
+	return s.db.Close()
+}
+
+// Step is one task's end and the next one's start on a VM, as Advance
+// does, queued to be written together with other steps in one
+// transaction: a commit per task cost more than a small task.
+type Step struct {
+	Done    string     // the task that ended ("" for none)
+	C       Completion // its outcome
+	Requeue bool       // queue Done again (a retry) instead of completing it
+	Next    string     // the queued task that starts ("" for none)
+	Now     time.Time
+	TTL     time.Duration
+	// Then, when set, is called with what was written, on the writer's
+	// goroutine, in the order of the steps.
+	Then func(StepResult)
+}
+
+// StepResult says what a Step changed: each change is guarded as on its own.
+type StepResult struct {
+	Completed, Requeued, Started bool
+	Err                          error
+}
+
+// maxSteps bounds the steps of one transaction.
+const maxSteps = 512
+
+// Step queues st for the writer and returns at once. Steps are written in
+// the order they were queued; a reader may see a step's effects only after
+// its Then ran. Steps queued before Close are written before Close returns.
+func (s *Store) Step(st Step) {
+	s.stepMu.Lock()
+	defer s.stepMu.Unlock()
+	if s.stepClosed {
+		if st.Then != nil {
+			go st.Then(StepResult{Err: errors.New("the task store is closed")})
+		}
+		return
+	}
+	s.steps = append(s.steps, st)
+	s.stepCond.Signal()
+}
+
+// writer writes the queued steps, as many per transaction as are waiting.
+func (s *Store) writer() {
+	defer close(s.writerDone)
+	for {
+		s.stepMu.Lock()
+		for len(s.steps) == 0 && !s.stepClosed {
+			s.stepCond.Wait()
+		}
+		if len(s.steps) == 0 {
+			s.stepMu.Unlock()
+			return
+		}
+		n := min(len(s.steps), maxSteps)
+		batch := slices.Clone(s.steps[:n])
+		clear(s.steps[:n])
+		s.steps = s.steps[n:]
+		s.stepMu.Unlock()
+		res := s.writeSteps(batch)
+		for i, st := range batch {
+			if st.Then != nil {
+				st.Then(res[i])
+			}
+		}
+	}
+}
+
+func (s *Store) writeSteps(batch []Step) []StepResult {
+	res := make([]StepResult, len(batch))
+	fail := func(err error) []StepResult {
+		for i := range res {
+			res[i] = StepResult{Err: err}
+		}
+		return res
+	}
+	ctx := context.Background()
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fail(fmt.Errorf("writing task steps: %w", err))
+	}
+	defer tx.Rollback()
+	complete, requeue, start := tx.Stmt(s.complete), tx.Stmt(s.requeue), tx.Stmt(s.markRunning)
+	changed := func(r sql.Result, err error) (bool, error) {
+		if err != nil {
+			return false, err
+		}
+		n, err := r.RowsAffected()
+		return n == 1, err
+	}
+	for i, st := range batch {
+		r := &res[i]
+		switch {
+		case st.Done != "" && st.Requeue:
+			r.Requeued, r.Err = changed(requeue.Exec(st.Done))
+		case st.Done != "":
+			c := st.C
+			r.Completed, r.Err = changed(complete.Exec(c.State, nullJSON(c.Result), c.Error, c.ErrorCode, st.Now.UnixNano(), expiry(st.Now, st.TTL), st.Done))
+		}
+		if st.Next != "" && r.Err == nil {
+			r.Started, r.Err = changed(start.Exec(st.Now.UnixNano(), st.Next))
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fail(fmt.Errorf("writing task steps: %w", err))
+	}
+	return res
+}
 
 // PutFunction stores f; a function with the same ID is kept as it is
 // (function IDs are content addresses).
@@ -188,6 +391,7 @@ type NewTask struct {
 	FunctionID string
 	Args       json.RawMessage
 	Kwargs     json.RawMessage
+	TaskGroup  string
 }
 
 // InsertTasks adds queued tasks in one transaction and returns their
@@ -198,14 +402,14 @@ func (s *Store) InsertTasks(ctx context.Context, now time.Time, ts []NewTask) ([
 		return nil, fmt.Errorf("inserting tasks: %w", err)
 	}
 	defer tx.Rollback()
-	stmt, err := tx.PrepareContext(ctx, `INSERT INTO tasks(id, function_id, state, args, kwargs, created_ns) VALUES(?, ?, 'queued', ?, ?, ?)`)
+	stmt, err := tx.PrepareContext(ctx, `INSERT INTO tasks(id, function_id, state, args, kwargs, created_ns, task_group) VALUES(?, ?, 'queued', ?, ?, ?, ?)`)
 	if err != nil {
 		return nil, fmt.Errorf("inserting tasks: %w", err)
 	}
 	defer stmt.Close()
 	seqs := make([]int64, len(ts))
 	for i, t := range ts {
-		r, err := stmt.ExecContext(ctx, t.ID, t.FunctionID, nullJSON(t.Args), nullJSON(t.Kwargs), now.UnixNano())
+		r, err := stmt.ExecContext(ctx, t.ID, t.FunctionID, nullJSON(t.Args), nullJSON(t.Kwargs), now.UnixNano(), t.TaskGroup)
 		if err != nil {
 			return nil, fmt.Errorf("inserting task: %w", err)
 		}
@@ -226,7 +430,7 @@ func nullJSON(b json.RawMessage) any {
 	return string(b)
 }
 
-const taskCols = `seq, id, function_id, state, args, kwargs, attempts, completions, created_ns, started_ns, finished_ns, result, error, error_code`
+const taskCols = `seq, id, function_id, state, args, kwargs, attempts, completions, created_ns, started_ns, finished_ns, result, error, error_code, task_group, event_seq`
 
 type scanner interface{ Scan(...any) error }
 
@@ -234,7 +438,7 @@ func scanTask(r scanner) (*TaskRecord, error) {
 	var t TaskRecord
 	var args, kwargs, result sql.NullString
 	var created, started, finished int64
-	if err := r.Scan(&t.Seq, &t.ID, &t.FunctionID, &t.State, &args, &kwargs, &t.Attempts, &t.Completions, &created, &started, &finished, &result, &t.Error, &t.ErrorCode); err != nil {
+	if err := r.Scan(&t.Seq, &t.ID, &t.FunctionID, &t.State, &args, &kwargs, &t.Attempts, &t.Completions, &created, &started, &finished, &result, &t.Error, &t.ErrorCode, &t.TaskGroup, &t.EventSeq); err != nil {
 		return nil, err
 	}
 	if args.Valid {
@@ -261,7 +465,7 @@ func fromNS(ns int64) time.Time {
 
 // Task returns the task with id, or ErrNotFound.
 func (s *Store) Task(ctx context.Context, id string) (*TaskRecord, error) {
-	t, err := scanTask(s.db.QueryRowContext(ctx, `SELECT `+taskCols+` FROM tasks WHERE id = ?`, id))
+	t, err := scanTask(s.task.QueryRowContext(ctx, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, ErrNotFound
 	}
@@ -275,6 +479,7 @@ func (s *Store) Task(ctx context.Context, id string) (*TaskRecord, error) {
 type TaskFilter struct {
 	State      string
 	FunctionID string
+	TaskGroup  string
 	After      int64 // sequence number to continue after
 	Limit      int
 }
@@ -290,6 +495,10 @@ func (s *Store) Tasks(ctx context.Context, f TaskFilter) ([]*TaskRecord, error) 
 	if f.FunctionID != "" {
 		where = append(where, "function_id = ?")
 		args = append(args, f.FunctionID)
+	}
+	if f.TaskGroup != "" {
+		where = append(where, "task_group = ?")
+		args = append(args, f.TaskGroup)
 	}
 	where = append(where, "seq > ?")
 	args = append(args, f.After)
@@ -335,10 +544,18 @@ func (s *Store) Counts(ctx context.Context) (map[string]int, error) {
 	return out, rows.Err()
 }
 
+// The guarded state changes of a task starting and finishing.
+const (
+	markRunningSQL = `UPDATE tasks SET state = 'running', attempts = attempts + 1, started_ns = ?, event_seq = ` + nextEvent + ` WHERE id = ? AND state = 'queued'`
+	completeSQL    = `UPDATE tasks SET state = ?, result = ?, error = ?, error_code = ?, finished_ns = ?, expires_ns = ?, completions = completions + 1, event_seq = ` + nextEvent + `
+		WHERE id = ? AND state = 'running'`
+	requeueSQL = `UPDATE tasks SET state = 'queued', started_ns = 0, event_seq = ` + nextEvent + ` WHERE id = ? AND state = 'running'`
+)
+
 // MarkRunning moves a queued task to running and counts the attempt. It
 // reports false when the task was not queued (cancelled meanwhile).
 func (s *Store) MarkRunning(ctx context.Context, id string, now time.Time) (bool, error) {
-	r, err := s.db.ExecContext(ctx, `UPDATE tasks SET state = 'running', attempts = attempts + 1, started_ns = ? WHERE id = ? AND state = 'queued'`, now.UnixNano(), id)
+	r, err := s.markRunning.ExecContext(ctx, now.UnixNano(), id)
 	if err != nil {
 		return false, fmt.Errorf("starting task: %w", err)
 	}
@@ -358,8 +575,7 @@ type Completion struct {
 // guarded by state = 'running', so a second completion reports false and
 // changes nothing.
 func (s *Store) Complete(ctx context.Context, id string, c Completion, now time.Time, ttl time.Duration) (bool, error) {
-	r, err := s.db.ExecContext(ctx, `UPDATE tasks SET state = ?, result = ?, error = ?, error_code = ?, finished_ns = ?, expires_ns = ?, completions = completions + 1
-		WHERE id = ? AND state = 'running'`, c.State, nullJSON(c.Result), c.Error, c.ErrorCode, now.UnixNano(), expiry(now, ttl), id)
+	r, err := s.complete.ExecContext(ctx, c.State, nullJSON(c.Result), c.Error, c.ErrorCode, now.UnixNano(), expiry(now, ttl), id)
 	if err != nil {
 		return false, fmt.Errorf("completing task: %w", err)
 	}
@@ -377,7 +593,7 @@ func expiry(now time.Time, ttl time.Duration) int64 {
 // Requeue moves a running task back to queued (a retry after a VM failure,
 // or a task interrupted by a shutdown).
 func (s *Store) Requeue(ctx context.Context, id string) (bool, error) {
-	r, err := s.db.ExecContext(ctx, `UPDATE tasks SET state = 'queued', started_ns = 0 WHERE id = ? AND state = 'running'`, id)
+	r, err := s.requeue.ExecContext(ctx, id)
 	if err != nil {
 		return false, fmt.Errorf("requeueing task: %w", err)
 	}
@@ -388,7 +604,7 @@ func (s *Store) Requeue(ctx context.Context, id string) (bool, error) {
 // CancelQueued cancels a queued task; it reports false when the task was
 // not queued.
 func (s *Store) CancelQueued(ctx context.Context, id string, now time.Time, ttl time.Duration) (bool, error) {
-	r, err := s.db.ExecContext(ctx, `UPDATE tasks SET state = 'cancelled', error = 'cancelled before it ran', error_code = 'cancelled', finished_ns = ?, expires_ns = ? WHERE id = ? AND state = 'queued'`,
+	r, err := s.db.ExecContext(ctx, `UPDATE tasks SET state = 'cancelled', error = 'cancelled before it ran', error_code = 'cancelled', finished_ns = ?, expires_ns = ?, event_seq = `+nextEvent+` WHERE id = ? AND state = 'queued'`,
 		now.UnixNano(), expiry(now, ttl), id)
 	if err != nil {
 		return false, fmt.Errorf("cancelling task: %w", err)
@@ -443,6 +659,25 @@ func (s *Store) Recover(ctx context.Context, now time.Time, ttl time.Duration) (
 		failed++
 	}
 	return requeued, failed, nil
+}
+
+// GroupEvents returns the tasks of group whose state changed after the
+// event sequence number after, in event order, at most limit.
+func (s *Store) GroupEvents(ctx context.Context, group string, after int64, limit int) ([]*TaskRecord, error) {
+	rows, err := s.groupEvents.QueryContext(ctx, group, after, limit)
+	if err != nil {
+		return nil, fmt.Errorf("reading task group events: %w", err)
+	}
+	defer rows.Close()
+	var out []*TaskRecord
+	for rows.Next() {
+		t, err := scanTask(rows)
+		if err != nil {
+			return nil, fmt.Errorf("reading task group events: %w", err)
+		}
+		out = append(out, t)
+	}
+	return out, rows.Err()
 }
 
 // QueuedTask is a queued task as the scheduler needs it.

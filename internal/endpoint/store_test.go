@@ -2,8 +2,10 @@ package endpoint
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -168,5 +170,112 @@ func TestStateDirPrivate(t *testing.T) {
 		if !names[want] {
 			t.Errorf("state directory lacks %s (has %v)", want, names)
 		}
+	}
+}
+
+// step writes st and waits for it.
+func step(st *Store, s Step) StepResult {
+	ch := make(chan StepResult, 1)
+	s.Then = func(r StepResult) { ch <- r }
+	st.Step(s)
+	return <-ch
+}
+
+// TestStoreStep: a step completes (or requeues) a running task and starts
+// the queued one after it, each change guarded as on its own, and steps are
+// written in order.
+func TestStoreStep(t *testing.T) {
+	ctx := context.Background()
+	st := openStore(t, filepath.Join(t.TempDir(), "kiln.db"))
+	defer st.Close()
+	if err := st.PutFunction(ctx, &Function{ID: "fn-1", Kind: "source", Created: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	if _, err := st.InsertTasks(ctx, now, []NewTask{{ID: "t1", FunctionID: "fn-1"}, {ID: "t2", FunctionID: "fn-1"}, {ID: "t3", FunctionID: "fn-1"}, {ID: "t4", FunctionID: "fn-1"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.MarkRunning(ctx, "t1", now); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.CancelQueued(ctx, "t3", now, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	ok := Completion{State: apitype.StateSucceeded, Result: []byte(`{"ok":true}`)}
+	tests := []struct {
+		s    Step
+		want StepResult
+	}{
+		{Step{Done: "t1", C: ok, Next: "t2"}, StepResult{Completed: true, Started: true}}, // t1 ends, t2 begins
+		{Step{Done: "t1", C: ok}, StepResult{}},                                           // t1 is complete already
+		{Step{Next: "t3"}, StepResult{}},                                                  // t3 was cancelled while queued
+		{Step{Done: "t2", C: ok, Next: "t2"}, StepResult{Completed: true}},                // t2 ends; it is not queued
+		{Step{Next: "t4"}, StepResult{Started: true}},
+		{Step{Done: "t4", Requeue: true}, StepResult{Requeued: true}}, // a retry
+		{Step{Next: "nosuch"}, StepResult{}},
+	}
+	for _, tt := range tests {
+		tt.s.Now, tt.s.TTL = now, time.Hour
+		if got := step(st, tt.s); got != tt.want {
+			t.Errorf("Step(%+v) = %+v, want %+v", tt.s, got, tt.want)
+		}
+	}
+	for id, want := range map[string]string{"t1": apitype.StateSucceeded, "t2": apitype.StateSucceeded, "t3": apitype.StateCancelled, "t4": apitype.StateQueued} {
+		rec, err := st.Task(ctx, id)
+		if err != nil || rec.State != want || (want == apitype.StateSucceeded && (rec.Attempts != 1 || rec.Completions != 1)) {
+			t.Errorf("task %s = %+v, %v; want %s (once)", id, rec, err, want)
+		}
+	}
+	// Steps queued back to back are written in order, and Close writes
+	// what is still queued.
+	var order []string
+	for _, id := range []string{"t4"} {
+		st.Step(Step{Next: id, Now: now, Then: func(r StepResult) { order = append(order, fmt.Sprintf("start %v", r.Started)) }})
+		st.Step(Step{Done: id, C: ok, Now: now, Then: func(r StepResult) { order = append(order, fmt.Sprintf("done %v", r.Completed)) }})
+	}
+	st.Close()
+	if want := []string{"start true", "done true"}; !slices.Equal(order, want) {
+		t.Errorf("steps wrote %q, want %q", order, want)
+	}
+}
+
+// BenchmarkStoreStep measures the store's cost per task of a batch: a
+// step that completes a task and starts the next, written as the endpoint
+// writes them (queued, many per transaction).
+func BenchmarkStoreStep(b *testing.B) {
+	ctx := context.Background()
+	st, err := OpenStore(filepath.Join(b.TempDir(), "kiln.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	if err := st.PutFunction(ctx, &Function{ID: "fn-1", Kind: "source", Created: time.Now()}); err != nil {
+		b.Fatal(err)
+	}
+	const n = 50000
+	tasks := make([]NewTask, n)
+	for i := range tasks {
+		tasks[i] = NewTask{ID: fmt.Sprintf("t%d", i), FunctionID: "fn-1"}
+	}
+	now := time.Now()
+	if _, err := st.InsertTasks(ctx, now, tasks); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := st.MarkRunning(ctx, "t0", now); err != nil {
+		b.Fatal(err)
+	}
+	c := Completion{State: apitype.StateSucceeded, Result: []byte(`{"id":"x","ok":true,"value":{"enc":"json","data":null},"stdout":"","stderr":""}`)}
+	i := 0
+	var last StepResult
+	for b.Loop() {
+		if i+1 >= n {
+			b.Fatal("out of tasks: lower -benchtime")
+		}
+		st.Step(Step{Done: tasks[i].ID, C: c, Next: tasks[i+1].ID, Now: now, TTL: time.Hour, Then: func(r StepResult) { last = r }})
+		i++
+	}
+	step(st, Step{}) // wait for the writer
+	if !last.Completed || !last.Started {
+		b.Fatalf("last step = %+v, want it completed and started", last)
 	}
 }

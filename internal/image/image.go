@@ -74,6 +74,10 @@ type Python struct {
 	Version    string `json:"version"`    // "3.11.2"
 	Executable string `json:"executable"` // guest path, e.g. /usr/bin/python3.11
 	Debian     bool   `json:"debian"`     // Debian's own interpreter
+	// Modules are the top-level modules of the image's packages (not the
+	// standard library): clients send a function of one of these by
+	// reference rather than by source.
+	Modules []string `json:"modules,omitempty"`
 }
 
 // Distribution is one installed Python distribution or Debian package.

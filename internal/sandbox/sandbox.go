@@ -18,6 +18,7 @@
 package sandbox
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -297,6 +298,19 @@ func (s *Sandbox) InvokeStreams(ctx context.Context, t *task.Task, st Streams) (
 	if err := s.ensureVM(ctx); err != nil {
 		return nil, err
 	}
+	tk := s.prepare(t)
+	tk.Stream = st.Stdout != nil || st.Stderr != nil
+	tk.Stdin = st.Stdin != nil
+	g := s.vm
+	res, err := g.call(ctx, tk, s.opts.Timeout, &s.sent, st)
+	if err != nil {
+		return nil, s.failed(ctx, g, err)
+	}
+	return res, nil
+}
+
+// prepare returns a copy of t with the sandbox's defaults filled in.
+func (s *Sandbox) prepare(t *task.Task) *task.Task {
 	tk := *t
 	if tk.ID == "" {
 		tk.ID = strconv.FormatUint(s.seq.Add(1), 10)
@@ -307,22 +321,161 @@ func (s *Sandbox) InvokeStreams(ctx context.Context, t *task.Task, st Streams) (
 	if tk.MaxOutput <= 0 {
 		tk.MaxOutput = s.opts.MaxOutput
 	}
-	tk.Stream = st.Stdout != nil || st.Stderr != nil
-	tk.Stdin = st.Stdin != nil
-	g := s.vm
-	res, err := g.call(ctx, &tk, s.opts.Timeout, &s.sent, st)
-	if err != nil {
-		if k := KindOf(err); k == KindTimeout || k == KindVMDied || k == KindOOM || ctx.Err() != nil {
-			// The VM is in an unknown state: replace it on the next call.
-			g.close()
-			s.setVM(nil)
-		}
-		if s.closed.Load() {
-			return nil, ErrClosed
-		}
-		return nil, err
+	return &tk
+}
+
+// failed handles a task's error on g: a VM in an unknown state (a
+// timeout, a death, an abandoned call) is replaced on the next call. It
+// returns the error to report. s.mu is held.
+func (s *Sandbox) failed(ctx context.Context, g *guestVM, err error) error {
+	if k := KindOf(err); k == KindTimeout || k == KindVMDied || k == KindOOM || ctx.Err() != nil {
+		g.close()
+		s.setVM(nil)
 	}
-	return res, nil
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	return err
+}
+
+// Replaced reports whether err, from Invoke or InvokeBatch, ended the VM
+// it ran on: a timeout, the VM's death, or a call abandoned through its
+// context. Tasks after it in a batch did not run.
+func Replaced(ctx context.Context, err error) bool {
+	if err == nil {
+		return false
+	}
+	k := KindOf(err)
+	return k == KindTimeout || k == KindVMDied || k == KindOOM || k == KindStart || ctx.Err() != nil || errors.Is(err, ErrClosed)
+}
+
+// ErrNotRun is InvokeEach's outcome for the tasks it had sent ahead when
+// a failure ended the VM: they did not start, and may be run again.
+var ErrNotRun = errors.New("the VM ended before the task started")
+
+// Ahead is how many tasks InvokeEach keeps sent beyond the one running: a
+// result's way to the host and the next task's way back take longer than
+// a small task itself (under TCG most of all), so with one task ahead the
+// VM would still wait. The window is refilled once half of it is free, in
+// one write: every frame costs the VMM's I/O thread and the guest an
+// interrupt's worth of work.
+const Ahead = 7
+
+// InvokeEach runs a stream of tasks on the sandbox's VM, one after
+// another, with the next ones (up to Ahead) sent while one runs, so that
+// the agent starts each as soon as the one before ends: a warm VM's cost
+// per task is then its own, not a round trip to the host.
+//
+// next returns each task to send, or nil when there is none (InvokeEach
+// then finishes what it sent and returns). done is called once for each
+// task next returned, in order: with its outcome, or with ErrNotRun for
+// the tasks sent ahead when a failure ended the VM (see Replaced; the call
+// then returns, and the next one gets a new VM). When done is called for
+// a task, the task sent after it, if any, is starting. Each task's
+// timeout (0: Options.Timeout) runs from the end of the one before. next
+// and done run on the calling goroutine, one at a time. Streams and stdin
+// are Invoke's alone.
+func (s *Sandbox) InvokeEach(ctx context.Context, timeout time.Duration, next func() *task.Task, done func(t *task.Task, res *task.Result, err error)) {
+	first := next()
+	if first == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.ensureVM(ctx); err != nil {
+		done(first, nil, err)
+		return
+	}
+	if timeout <= 0 {
+		timeout = s.opts.Timeout
+	}
+	g := s.vm
+	type sentTask struct{ mine, theirs *task.Task }
+	var inFlight []sentTask // oldest (running) first
+	notRun := func() {
+		for _, t := range inFlight {
+			s.sent.Add(-1)
+			done(t.theirs, nil, ErrNotRun)
+		}
+	}
+	var buf bytes.Buffer
+	var batch []sentTask
+	// send writes the tasks of batch in one write.
+	send := func() error {
+		defer func() { buf.Reset(); batch = batch[:0] }()
+		if _, err := g.agent.Write(buf.Bytes()); err != nil {
+			return s.failed(ctx, g, g.deathError())
+		}
+		s.sent.Add(int64(len(batch)))
+		inFlight = append(inFlight, batch...)
+		return nil
+	}
+	pending := first
+	var unsent []*task.Task // tasks whose send failed: the VM is going
+	exhausted := false      // next returned nil
+	for {
+		// Refill the window (the running task and Ahead more) once half of
+		// it is free, or when nothing runs.
+		if len(unsent) == 0 && !exhausted && (len(inFlight) <= (Ahead+1)/2 || len(inFlight) == 0) {
+			for len(inFlight)+len(batch) <= Ahead {
+				t := pending
+				if t == nil {
+					t = next()
+				}
+				pending = nil
+				if t == nil {
+					exhausted = true
+					break
+				}
+				tk := s.prepare(t)
+				tk.Stream, tk.Stdin = false, false
+				if err := proto.WriteJSON(&buf, proto.Task, tk); err != nil {
+					// Not encodable (cannot happen for decoded tasks).
+					unsent = append(unsent, t)
+					break
+				}
+				batch = append(batch, sentTask{tk, t})
+			}
+			if len(batch) > 0 {
+				theirs := make([]*task.Task, len(batch))
+				for i, b := range batch {
+					theirs[i] = b.theirs
+				}
+				if err := send(); err != nil {
+					if len(inFlight) == 0 {
+						done(theirs[0], nil, err)
+						for _, t := range append(theirs[1:], unsent...) {
+							done(t, nil, ErrNotRun)
+						}
+						return
+					}
+					// The tasks sent before them may still be answered.
+					unsent = append(theirs, unsent...)
+				}
+			}
+		}
+		if len(inFlight) == 0 {
+			for _, t := range unsent {
+				done(t, nil, ErrNotRun)
+			}
+			return
+		}
+		cur := inFlight[0]
+		res, err := g.await(ctx, cur.mine, time.Now().Add(timeout), timeout, Streams{})
+		inFlight = inFlight[1:]
+		s.sent.Add(-1)
+		if err != nil {
+			err = s.failed(ctx, g, err)
+		}
+		done(cur.theirs, res, err)
+		if Replaced(ctx, err) {
+			notRun()
+			for _, t := range unsent {
+				done(t, nil, ErrNotRun)
+			}
+			return
+		}
+	}
 }
 
 // Close kills the VM and releases its resources. It is idempotent and may be
@@ -568,6 +721,12 @@ func (g *guestVM) call(ctx context.Context, t *task.Task, timeout time.Duration,
 		in := newStdinPump(g.agent, st.Stdin)
 		defer in.finish()
 	}
+	return g.await(ctx, t, deadline, timeout, st)
+}
+
+// await reads the agent's frames until t's result, relaying its streamed
+// output to st.
+func (g *guestVM) await(ctx context.Context, t *task.Task, deadline time.Time, timeout time.Duration, st Streams) (*task.Result, error) {
 	for {
 		f, err := g.next(ctx, deadline, timeout)
 		if err != nil {

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+
 	"github.com/kiln-dev/kiln/internal/guest/task"
 	"github.com/kiln-dev/kiln/internal/sandbox"
 	"github.com/kiln-dev/kiln/internal/snapshot"
@@ -294,9 +296,14 @@ func TestGuestLimits(t *testing.T) {
 	if err := r.Value.Decode(&fb); err != nil || len(fb) != 2 || fb[0] == 0 || fb[1] == 0 {
 		t.Fatalf("fork bomb result = %s (%v), want [forks > 0, errno]", r.Value.Data, err)
 	}
-	r, err = invoke(t, sb, source("def f():\n    import os\n    return open('/proc/%d/task/%d/children' % (os.getpid(), os.getpid())).read().split()\n", "f"))
+	// The agent's children, from every process's parent in /proc (the
+	// guest kernel need not have /proc/PID/task/TID/children).
+	children := "def f():\n    import os\n    me, kids = str(os.getpid()), []\n    for p in os.listdir('/proc'):\n        if p.isdigit():\n" +
+		"            try:\n                st = open('/proc/%s/stat' % p).read()\n            except OSError:\n                continue\n" +
+		"            if st[st.rfind(')') + 2:].split()[1] == me:\n                kids.append(int(p))\n    return kids\n"
+	r, err = invoke(t, sb, source(children, "f"))
 	if err != nil || !r.OK {
-		t.Fatalf("Invoke after fork bomb = %+v, %v", r, err)
+		t.Fatalf("Invoke after fork bomb = %+v (%+v), %v", r, r.Error, err)
 	}
 	if string(r.Value.Data) != "[]" {
 		t.Errorf("agent children after the fork bomb = %s, want none left", r.Value.Data)
@@ -373,6 +380,73 @@ func TestProcessesAndStreams(t *testing.T) {
 	}
 	if want := "line 0\nline 1\nline 2\n"; streamed.String() != want || r.Stdout != want {
 		t.Errorf("streamed %q and captured %q, want %q both", streamed.String(), r.Stdout, want)
+	}
+}
+
+// TestEscapedProcess: a process a task daemonized (double fork, new
+// session) is killed when the task ends, and nothing it writes reaches a
+// later task's output.
+func TestEscapedProcess(t *testing.T) {
+	sb := start(t, sandbox.Options{Timeout: 2 * time.Minute})
+	daemon := "def f():\n    import os, time\n    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n" +
+		"            while True:\n                os.write(1, b'leak\\n')\n                time.sleep(0.01)\n        os._exit(0)\n" +
+		"    os.wait()\n    time.sleep(0.2)\n    return 'started'\n"
+	if r, err := invoke(t, sb, source(daemon, "f")); err != nil || !r.OK || !strings.Contains(r.Stdout, "leak") {
+		t.Fatalf("daemon task = %+v, %v; want ok with the daemon's output", r, err)
+	}
+	for i := 0; i < 3; i++ {
+		r, err := invoke(t, sb, source("def f():\n    import time\n    print('clean')\n    time.sleep(0.2)\n    return 1\n", "f"))
+		if err != nil || !r.OK || r.Stdout != "clean\n" {
+			t.Fatalf("task %d after the daemon: stdout %q (%+v, %v), want \"clean\\n\"", i, r.Stdout, r, err)
+		}
+	}
+}
+
+// TestInvokeEach: tasks sent ahead run in order with their own results; a
+// crash ends the stream, the tasks sent ahead are ErrNotRun, and the next
+// call runs on a new VM.
+func TestInvokeEach(t *testing.T) {
+	sb := start(t, sandbox.Options{Timeout: 2 * time.Minute})
+	src := "def f(x):\n    import os\n    if x == 3:\n        os._exit(7)\n    return x * x\n"
+	mk := func(x int) *task.Task {
+		tk := source(src, "f", x)
+		tk.CacheKey = "fn-square"
+		return tk
+	}
+	run := func(xs ...int) []string {
+		var out []string
+		i := 0
+		next := func() *task.Task {
+			if i == len(xs) {
+				return nil
+			}
+			i++
+			return mk(xs[i-1])
+		}
+		done := func(tk *task.Task, res *task.Result, err error) {
+			switch {
+			case errors.Is(err, sandbox.ErrNotRun):
+				out = append(out, "not run")
+			case err != nil:
+				out = append(out, string(sandbox.KindOf(err)))
+			default:
+				out = append(out, string(res.Value.Data))
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		sb.InvokeEach(ctx, 0, next, done)
+		return out
+	}
+	if got, want := run(0, 1, 2, 4, 5), []string{"0", "1", "4", "16", "25"}; !cmp.Equal(got, want) {
+		t.Errorf("InvokeEach(0, 1, 2, 4, 5) = %q, want %q", got, want)
+	}
+	// 4 and 5 were sent ahead (the window holds them all): neither ran.
+	if got, want := run(1, 3, 4, 5), []string{"1", string(sandbox.KindVMDied), "not run", "not run"}; !cmp.Equal(got, want) {
+		t.Errorf("InvokeEach(1, 3 crashes, 4, 5) = %q, want %q", got, want)
+	}
+	if got, want := run(6), []string{"36"}; !cmp.Equal(got, want) {
+		t.Errorf("InvokeEach(6) after the crash = %q, want %q", got, want)
 	}
 }
 

@@ -1,44 +1,38 @@
 """Encoding of functions, arguments and results (the agent's task.Value format)."""
 
 import base64
+import functools
 import inspect
-import math
 import pickle
-import textwrap
+import types
 
+from . import _capture
+from ._capture import CaptureError, ImageModules
 from ._errors import KilnError
 
 
-def _jsonable(v, depth=0):
-    # Exactly the values JSON gives back with the same types (a tuple comes
-    # back as a list): the same rule as the guest agent.
-    if depth > 100:
-        return False
-    t = type(v)
-    if v is None or t is bool or t is int or t is str:
-        return True
-    if t is float:
-        return math.isfinite(v)
-    if t is list or t is tuple:
-        return all(_jsonable(x, depth + 1) for x in v)
-    if t is dict:
-        return all(type(k) is str and _jsonable(x, depth + 1) for k, x in v.items())
-    return False
-
-
 def encode_value(v):
-    """Encode v as {"enc": "json", "data": v} or a base64 pickle."""
-    if _jsonable(v):
-        return {"enc": "json", "data": v}
+    """Encode v as {"enc": "json", "data": v} when JSON gives it back with
+    the same types, else as a base64 pickle (a tuple, a set, an object)."""
+    return encode(v)[0]
+
+
+def encode(v, image=None):
+    """encode_value, and the client's own classes and functions the pickle
+    refers to (they travel with the function, by source)."""
+    if _capture._jsonable(v):
+        return {"enc": "json", "data": v}, []
+    image = image or ImageModules()
     try:
-        data = pickle.dumps(v, protocol=pickle.DEFAULT_PROTOCOL)
+        raw, found = _capture.dumps(v, lambda m: bool(m) and not image.has(m))
     except Exception as e:  # noqa: BLE001 - any pickling failure
-        raise KilnError("cannot send %r: it is not JSON and pickle failed: %s" % (type(v).__name__, e)) from e
-    return {"enc": "pickle", "data": base64.b64encode(data).decode("ascii")}
+        raise KilnError("cannot send a %s: it is not JSON and cannot be pickled: %s" % (type(v).__name__, e)) from e
+    return {"enc": "pickle", "data": base64.b64encode(raw).decode("ascii")}, found
 
 
 def decode_value(d):
-    """Decode a task.Value dict."""
+    """Decode a task.Value dict (pickles only from the client's own tasks:
+    see docs/api.md, trust)."""
     if d is None:
         return None
     enc = d.get("enc")
@@ -49,37 +43,36 @@ def decode_value(d):
     raise KilnError("unknown value encoding %r" % (enc,))
 
 
-def _source_of(fn):
-    """Return (source, None) when fn can be sent by source, else (None, reason)."""
-    if not inspect.isfunction(fn):
-        return None, "not a plain function"
-    if fn.__name__ == "<lambda>":
-        return None, "a lambda"
-    if fn.__closure__:
-        return None, "a closure"
-    if inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn):
-        return None, "not a plain function"
-    try:
-        src = textwrap.dedent(inspect.getsource(fn))
-    except (OSError, TypeError) as e:
-        return None, "no source (%s)" % e
-    if not src.lstrip().startswith("def "):
-        return None, "decorated"
-    try:
-        code = compile(src, "<kiln>", "exec")
-    except SyntaxError as e:
-        return None, "source does not compile (%s)" % e
-    if fn.__name__ not in code.co_names:
-        return None, "source does not define %s" % fn.__name__
-    return src, None
+def unwrap_call(fn, args, kwargs):
+    """Turns a partial or a bound method into the callable the registration
+    names and the call's arguments: (target, args, kwargs) where target is a
+    function or builtin, or ("method", cls, name) for a bound method."""
+    while isinstance(fn, functools.partial):
+        args = tuple(fn.args) + tuple(args)
+        kwargs = {**fn.keywords, **kwargs}
+        fn = fn.func
+    if inspect.ismethod(fn) and not isinstance(fn.__self__, type):
+        return ("method", type(fn.__self__), fn.__func__.__name__), (fn.__self__,) + tuple(args), kwargs
+    return fn, tuple(args), kwargs
 
 
-def function_payload(fn):
-    """The registration fields for fn: by source when possible, else pickled
-    with cloudpickle or dill."""
-    src, why = _source_of(fn)
-    if src is not None:
-        return {"kind": "source", "source": src, "function": fn.__name__}
+def function_payload(fn, image=None):
+    """The registration fields for fn: by reference when the image can
+    import it, else by source with what it uses from its module, else
+    pickled with cloudpickle or dill (lambdas, closures)."""
+    image = image or ImageModules()
+    if isinstance(fn, tuple) and fn[0] == "method":
+        try:
+            return _capture.method(fn[1], fn[2], image)
+        except CaptureError as e:
+            return _pickled(getattr(fn[1], fn[2]), e)
+    fields, why = _capture.capture(fn, image)
+    if fields is not None:
+        return fields
+    return _pickled(fn, why)
+
+
+def _pickled(fn, why):
     for name in ("cloudpickle", "dill"):
         try:
             mod = __import__(name)
@@ -87,7 +80,19 @@ def function_payload(fn):
             continue
         data = mod.dumps(fn)
         return {"kind": "pickle", "pickle": base64.b64encode(data).decode("ascii"), "pickler": name}
-    raise KilnError(
-        "cannot send %r by source (%s) and neither cloudpickle nor dill is installed: "
-        "pip install cloudpickle (and add it to the image), or use a plain def" % (getattr(fn, "__name__", fn), why)
+    raise CaptureError(
+        "cannot send %s: %s; neither cloudpickle nor dill is installed (pip install cloudpickle, and add it to the image), "
+        "or use a plain module-level def" % (getattr(fn, "__qualname__", fn), why)
     )
+
+
+def is_function(fn):
+    return isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, functools.partial, type)) or callable(fn)
+
+
+def add_classes_for(fields, classes, image):
+    """fields with the sources of the client's own classes (and functions)
+    that a call's arguments refer to added to its namespace."""
+    if not classes or fields.get("kind") != "source":
+        return fields
+    return _capture.add_classes(fields, classes, image)

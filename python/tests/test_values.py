@@ -37,15 +37,15 @@ def decorated(x):
 
 class ValueTest(unittest.TestCase):
     def test_json_values(self):
-        for v in [None, True, 1, 1.5, "s", [1, "a"], {"k": [1, 2.5]}, (1, 2)]:
+        for v in [None, True, 1, 1.5, "s", [1, "a"], {"k": [1, 2.5]}]:
             with self.subTest(v=v):
                 e = kiln.encode_value(v)
                 self.assertEqual(e["enc"], "json")
-                want = list(v) if isinstance(v, tuple) else v
-                self.assertEqual(kiln.decode_value(json.loads(json.dumps(e))), want)
+                self.assertEqual(kiln.decode_value(json.loads(json.dumps(e))), v)
 
     def test_pickled_values(self):
-        for v in [{1: "int key"}, {1, 2}, b"bytes", float("nan"), 1 + 2j, [1, {2}]]:
+        # A tuple is pickled: JSON would give it back as a list.
+        for v in [{1: "int key"}, {1, 2}, b"bytes", float("nan"), 1 + 2j, [1, {2}], (1, 2), [(1,), {"k": (2,)}]]:
             with self.subTest(v=v):
                 e = kiln.encode_value(v)
                 self.assertEqual(e["enc"], "pickle")

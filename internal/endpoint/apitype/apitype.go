@@ -94,16 +94,29 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 // MarshalJSON writes the duration as a string.
 func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
 
-// RegisterRequest is the body of POST /v1/functions.
+// RegisterRequest is the body of POST /v1/functions. Exactly one of
+// Source, Pickle, Ref and Command says what to run.
 type RegisterRequest struct {
-	Name       string   `json:"name,omitempty"`
-	Image      string   `json:"image"`
-	Kind       string   `json:"kind,omitempty"` // source | pickle | ref; default: whichever of source, pickle, ref is set
-	Source     string   `json:"source,omitempty"`
-	Function   string   `json:"function,omitempty"` // the function to call in source (default: the only one it defines)
-	Ref        string   `json:"ref,omitempty"`      // "module:function" importable in the image
-	Pickle     []byte   `json:"pickle,omitempty"`   // base64
-	Pickler    string   `json:"pickler,omitempty"`  // cloudpickle | dill | pickle
+	Name     string `json:"name,omitempty"`
+	Image    string `json:"image"`
+	Kind     string `json:"kind,omitempty"` // source | pickle | ref | shell; default: whichever is set
+	Source   string `json:"source,omitempty"`
+	Function string `json:"function,omitempty"` // the function to call in source (default: the only one it defines)
+	// Module, Filename and Lineno say where Source was written; Namespace
+	// is what the function uses from its module (see task.Def).
+	Module     string     `json:"module,omitempty"`
+	Filename   string     `json:"filename,omitempty"`
+	Lineno     int        `json:"lineno,omitempty"`
+	Namespace  []task.Def `json:"namespace,omitempty"`
+	ExactTypes bool       `json:"exact_types,omitempty"` // pickle results JSON would change (tuples)
+	Ref        string     `json:"ref,omitempty"`         // "module:function" importable in the image
+	Pickle     []byte     `json:"pickle,omitempty"`      // base64
+	Pickler    string     `json:"pickler,omitempty"`     // cloudpickle | dill | pickle
+	// Command is a shell function's command, formatted with each call's
+	// keyword arguments (Python str.format) and run with /bin/sh -c;
+	// Walltime (seconds) ends it with returncode 124.
+	Command    string   `json:"command,omitempty"`
+	Walltime   float64  `json:"walltime,omitempty"`
 	Timeout    Duration `json:"timeout,omitempty"`
 	MemoryMiB  int      `json:"memory_mib,omitempty"`
 	MaxResult  int      `json:"max_result,omitempty"`
@@ -113,8 +126,9 @@ type RegisterRequest struct {
 // SubmitRequest is the body of POST /v1/tasks and an item of a batch.
 type SubmitRequest struct {
 	FunctionID string      `json:"function_id,omitempty"`
-	Args       *task.Value `json:"args,omitempty"`   // a list
-	Kwargs     *task.Value `json:"kwargs,omitempty"` // a dict
+	Args       *task.Value `json:"args,omitempty"`       // a list
+	Kwargs     *task.Value `json:"kwargs,omitempty"`     // a dict
+	TaskGroup  string      `json:"task_group,omitempty"` // a client's tag for its tasks (Executor.reload_tasks)
 }
 
 // SubmitResponse is the answer to POST /v1/tasks.
@@ -126,6 +140,7 @@ type SubmitResponse struct {
 // BatchRequest is the body of POST /v1/tasks/batch.
 type BatchRequest struct {
 	FunctionID string          `json:"function_id,omitempty"` // for items that name none
+	TaskGroup  string          `json:"task_group,omitempty"`  // for items that name none
 	Tasks      []SubmitRequest `json:"tasks"`
 }
 
@@ -134,17 +149,30 @@ type BatchResponse struct {
 	TaskIDs []string `json:"task_ids"`
 }
 
-// WaitRequest is the body of POST /v1/tasks/wait.
+// WaitRequest is the body of POST /v1/tasks/wait: either task ids, or a
+// task group and the Cursor of the previous answer (0 at first), which
+// returns the group's tasks that changed state (started running, finished,
+// went back to the queue) since then, waiting up to Timeout for one.
 type WaitRequest struct {
-	TaskIDs []string `json:"task_ids"`
-	Timeout Duration `json:"timeout,omitempty"`
+	TaskIDs   []string `json:"task_ids,omitempty"`
+	TaskGroup string   `json:"task_group,omitempty"`
+	Cursor    int64    `json:"cursor,omitempty"`
+	Timeout   Duration `json:"timeout,omitempty"`
+	// Running also returns the ids of the tasks asked for that are running,
+	// and returns early when one starts that is not in KnownRunning.
+	Running      bool     `json:"running,omitempty"`
+	KnownRunning []string `json:"known_running,omitempty"`
 }
 
 // WaitResponse is the answer to POST /v1/tasks/wait: the finished tasks
-// among those asked for, and the ids the endpoint does not know.
+// among those asked for, the ids the endpoint does not know, and (when
+// asked) the ids of those that are running.
 type WaitResponse struct {
 	Tasks   []TaskView `json:"tasks"`
 	Unknown []string   `json:"unknown"`
+	Running []string   `json:"running,omitempty"`
+	// Cursor, for a group wait, is what the next wait passes on.
+	Cursor int64 `json:"cursor,omitempty"`
 }
 
 // TaskList is a page of GET /v1/tasks; NextAfter, when set, is the after=
@@ -160,6 +188,9 @@ type FunctionView struct {
 	Name        string    `json:"name"`
 	Kind        string    `json:"kind"`
 	Function    string    `json:"function,omitempty"`
+	Module      string    `json:"module,omitempty"`
+	Filename    string    `json:"filename,omitempty"`
+	Command     string    `json:"command,omitempty"`
 	Ref         string    `json:"ref,omitempty"`
 	Pickler     string    `json:"pickler,omitempty"`
 	SourceBytes int       `json:"source_bytes,omitempty"`
@@ -182,6 +213,7 @@ type FunctionList struct {
 type TaskView struct {
 	ID         string          `json:"id"`
 	FunctionID string          `json:"function_id"`
+	TaskGroup  string          `json:"task_group,omitempty"`
 	State      string          `json:"state"`
 	Attempts   int             `json:"attempts"`
 	CreatedAt  time.Time       `json:"created_at"`
@@ -201,6 +233,9 @@ type ImageInfo struct {
 	Python    string   `json:"python,omitempty"`
 	MemoryMiB int      `json:"memory_mib"`
 	Preload   []string `json:"preload,omitempty"`
+	// Modules are the top-level modules of the image's packages (the SDK
+	// sends their functions by reference).
+	Modules []string `json:"modules,omitempty"`
 }
 
 // ImageList is the answer to GET /v1/images.

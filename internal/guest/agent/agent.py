@@ -117,6 +117,9 @@ class Transport:
         import _thread
 
         self._lock = _thread.allocate_lock()
+        # Bytes read ahead: one read often holds several frames. One reader
+        # at a time (the Router sees to that).
+        self._buf = bytearray()
 
     @classmethod
     def open_port(cls, path):
@@ -133,10 +136,10 @@ class Transport:
     def read_exact(self, n, eof_ok=False):
         """Reads exactly n bytes. Returns None at a clean end of stream when
         eof_ok and nothing was read; raises StreamClosed on a short read."""
-        buf = bytearray()
+        buf = self._buf
         while len(buf) < n:
             try:
-                chunk = os.read(self.fd, min(n - len(buf), 1 << 20))
+                chunk = os.read(self.fd, min(max(n - len(buf), 65536), 1 << 20))
             except InterruptedError:
                 continue
             if not chunk:
@@ -144,7 +147,9 @@ class Transport:
                     return None
                 raise StreamClosed("stream ended after %d of %d bytes" % (len(buf), n))
             buf += chunk
-        return bytes(buf)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
 
     def discard(self, n):
         """Reads and drops n bytes."""
@@ -230,9 +235,11 @@ def qualname(exc_type):
     return mod + "." + name
 
 
-def error_fields(exc):
+def error_fields(exc, details=False):
     """Bounded type/message/traceback of exc. The traceback leaves out the
-    agent's own leading frames, so it starts at the task's code."""
+    agent's own frames, so it starts at the task's code. With details, the
+    exception's module, qualname, args and instance state are added (the
+    SDK rebuilds an exception of the same type from them)."""
     try:
         message = str(exc)
     except BaseException as e:  # a broken __str__
@@ -240,17 +247,41 @@ def error_fields(exc):
     try:
         import traceback
 
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename == AGENT_FILE:
-            tb = tb.tb_next
-        tb = "".join(traceback.format_exception(type(exc), exc, tb))
+        tb = "".join(traceback.format_exception(type(exc), exc, user_frames(exc.__traceback__)))
     except BaseException:
         tb = ""
-    return {
+    out = {
         "type": bound_json(qualname(type(exc)), MAX_TYPE)[0],
         "message": bound_json(message, MAX_MESSAGE)[0],
         "traceback": bound_json(tb, MAX_TRACEBACK, keep_tail=True)[0],
     }
+    if details:
+        t = type(exc)
+        out["module"] = bound_json(getattr(t, "__module__", "") or "", MAX_TYPE)[0]
+        out["qualname"] = bound_json(getattr(t, "__qualname__", "") or t.__name__, MAX_TYPE)[0]
+        for key, val in (("args", tuple(getattr(exc, "args", ()))), ("state", dict(getattr(exc, "__dict__", {}) or {}))):
+            if key == "state" and not val:
+                continue
+            try:
+                enc = encode_value(val, MAX_ERROR_VALUE, exact=True)
+            except BaseException:
+                continue
+            if isinstance(enc.get("data"), RawJSON):
+                enc = {"enc": "json", "data": json.loads(enc["data"].text)}
+            out[key] = enc
+    return out
+
+
+# MAX_ERROR_VALUE bounds the encoded args and state of a raised exception.
+MAX_ERROR_VALUE = 64 << 10
+
+
+def user_frames(tb):
+    """The traceback from the first frame that is not the agent's own: what
+    a user sees is their code, not kiln's."""
+    while tb is not None and tb.tb_frame.f_code.co_filename == AGENT_FILE:
+        tb = tb.tb_next
+    return tb
 
 
 def safe_repr(v):
@@ -263,67 +294,145 @@ def safe_repr(v):
     return bound_json(r, MAX_REPR_JSON)[0]
 
 
-class OutputPump:
-    """Reads one of a task's output pipes in a thread: keeps the first
-    `limit` bytes for the result (none when limit is 0) and, when conn is
-    set, streams every chunk to the host as frames of type ftype."""
+class Sink:
+    """What a task wrote to fd 1 or fd 2: keeps the first `limit` bytes for
+    the result (none when limit is 0) and, when conn is set, streams every
+    chunk to the host as frames of type ftype."""
 
-    def __init__(self, read_fd, limit, conn=None, ftype=0):
-        import threading
-
-        self.fd = read_fd
+    def __init__(self, limit, conn=None, ftype=0):
         self.limit = limit
         self.conn = conn
         self.ftype = ftype
         self.parts = []
         self.size = 0
         self.truncated = False
-        self.thread = threading.Thread(target=self._run, name="kiln-output", daemon=True)
-        self.thread.start()
 
-    def _run(self):
-        while True:
+    def feed(self, data):
+        if self.conn is not None:
             try:
-                data = os.read(self.fd, 65536)
-            except InterruptedError:
-                continue
+                self.conn.send(self.ftype, data)
             except OSError:
-                return  # the read end was closed by finish()
-            if not data:
-                return
-            if self.conn is not None:
-                try:
-                    self.conn.send(self.ftype, data)
-                except OSError:
-                    self.conn = None
-            if self.limit <= 0:
-                continue  # streamed only
-            room = self.limit - self.size
-            if len(data) > room:
-                self.truncated = True
-                data = data[: max(room, 0)]
-            if data:
-                self.parts.append(data)
-                self.size += len(data)
-
-    def finish(self, timeout):
-        """Waits for the end of the output: every writer closed its end. A
-        process that escaped the task's process tree can hold a pipe open,
-        so after timeout the read end is closed and what came is kept."""
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            log("task output still open %.0f s after the task (a process outside the task holds it); closing it" % timeout)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
-        self.thread.join(1.0)
+                self.conn = None
+        if self.limit <= 0:
+            return  # streamed only
+        room = self.limit - self.size
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(room, 0)]
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
 
     def value(self):
         """Returns (text, truncated), text bounded as JSON to `limit` bytes."""
         text = b"".join(self.parts).decode("utf-8", "replace")
         text, cut = bound_json(text, self.limit)
         return text, self.truncated or cut
+
+
+class Output:
+    """The agent's fds 1 and 2: two pipes, made once, that every task (and
+    all it starts) writes to. A thread reads them while tasks run, so a
+    writer never blocks on a full pipe; at the end of a task the main
+    thread reads what is left (the task's processes are gone by then) and
+    takes the Sinks. Nothing is made or started per task: a task that
+    writes nothing costs two non-blocking reads."""
+
+    def __init__(self):
+        import select
+        import threading
+
+        self.lock = threading.Lock()  # held while a chunk is read and fed
+        self.read_fds = []
+        self.write_fds = []
+        for _ in (1, 2):
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            self.read_fds.append(r)
+            self.write_fds.append(w)
+        self.sinks = {fd: Sink(0) for fd in self.read_fds}  # between tasks: dropped
+        self.poller = select.poll()  # the thread's
+        self.drainer = select.poll()  # the main thread's (a poll object is not shared)
+        for fd in self.read_fds:
+            self.poller.register(fd, select.POLLIN)
+            self.drainer.register(fd, select.POLLIN)
+        threading.Thread(target=self._run, name="kiln-output", daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                events = self.poller.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                with self.lock:
+                    self._read(fd)
+
+    def _read(self, fd):
+        """Reads one chunk of fd into its sink (the lock is held); reports
+        whether there was one."""
+        try:
+            data = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not data:
+            return False
+        self.sinks[fd].feed(data)
+        return True
+
+    def begin(self, out, err):
+        """Points fds 1 and 2 at the pipes and makes out and err their sinks."""
+        with self.lock:
+            self.sinks = dict(zip(self.read_fds, (out, err)))
+        os.dup2(self.write_fds[0], 1)
+        os.dup2(self.write_fds[1], 2)
+
+    def end(self):
+        """Reads what the task left in the pipes into its sinks and stops
+        feeding them. The task's processes must be gone: what they wrote
+        is in the pipes, and nothing more comes."""
+        with self.lock:
+            for _ in range(1 << 12):  # bounded: a stray writer cannot hold us here
+                ready = self.drainer.poll(0)
+                if not ready:
+                    break
+                for fd, _ in ready:
+                    self._read(fd)
+            self.sinks = {fd: Sink(0) for fd in self.read_fds}
+
+
+OUTPUT = None  # the Output, made by the first task
+
+
+class Pids:
+    """Tells whether any process or thread was created since the last
+    look, from the last pid the kernel handed out (/proc/loadavg), so that
+    a task that started nothing costs no walk of /proc."""
+
+    def __init__(self):
+        try:
+            self.fd = os.open("/proc/loadavg", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            self.fd = None
+        self.last = None
+
+    def mark(self):
+        self.last = self._read()
+
+    def changed(self):
+        now = self._read()
+        return now is None or now != self.last
+
+    def _read(self):
+        if self.fd is None:
+            return None
+        try:
+            return os.pread(self.fd, 128, 0).split()[-1]
+        except (OSError, IndexError):
+            return None
+
+
+PIDS = None
 
 
 class InputPipe:
@@ -356,57 +465,73 @@ class InputPipe:
                 pass
 
 
-# OUTPUT_GRACE bounds the wait for a task's output pipes to reach EOF once
-# its processes are gone.
-OUTPUT_GRACE = 2.0
-
-
 class TaskIO:
     """A task's fds 0, 1 and 2 for as long as it runs: fd 0 is /dev/null or
-    the host's Stdin frames, fds 1 and 2 are pipes read by OutputPumps, so
-    that what C code, os.write and subprocesses write is kept like print's
-    output. sys.stdin/stdout/stderr are line-buffered text files on them.
+    the host's Stdin frames, fds 1 and 2 are the agent's output pipes
+    (Output), so that what C code, os.write and subprocesses write is kept
+    like print's output. sys.stdin/stdout/stderr are line-buffered text
+    files on them.
 
-    Everything the task starts inherits these fds; finish() restores the
-    agent's own after the task's processes are killed (reap_children)."""
+    Everything the task starts inherits these fds; finish() kills what the
+    task left running (reap_children) before it takes the output, so a
+    task's output is all of it and never another task's."""
+
+    # From the first task on, fd 0 is /dev/null and fds 1 and 2 are the
+    # output pipes, between tasks too (the agent logs to LOG_FD; what else
+    # reaches fds 1 and 2 between tasks is dropped). null_fd is /dev/null,
+    # files the text files on fds 0-2, agent_sys the agent's own
+    # sys.stdout and sys.stderr (on LOG_FD), all made once.
+    null_fd = None
+    files = None
+    agent_sys = None
 
     def __init__(self, conn, limit, stream, stdin, router):
+        global OUTPUT, PIDS
+        cls = TaskIO
+        if cls.null_fd is None:
+            cls.null_fd = os.open(os.devnull, os.O_RDONLY)
+            os.set_inheritable(cls.null_fd, False)
+            os.dup2(cls.null_fd, 0)
+            log_file = open(LOG_FD, "w", buffering=1, closefd=False, errors="backslashreplace")
+            cls.agent_sys = (sys.stdin, log_file, log_file)
+            OUTPUT = Output()
+            PIDS = Pids()
         self.router = router
         self.input = InputPipe() if stdin else None
-        # The read end ends up only on fd 0: dup2 below, then closed here.
-        in_fd = self.input.read_fd if stdin else os.open(os.devnull, os.O_RDONLY)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        self.saved = [os.dup(0), os.dup(1), os.dup(2)]
-        self.saved_sys = sys.stdin, sys.stdout, sys.stderr
-        for fd, target in ((in_fd, 0), (out_w, 1), (err_w, 2)):
-            os.dup2(fd, target)
-            os.close(fd)
+        if stdin:
+            # The read end ends up only on fd 0.
+            os.dup2(self.input.read_fd, 0)
+            os.close(self.input.read_fd)
         stream_conn = conn if stream else None
-        self.out = OutputPump(out_r, limit, stream_conn, T_STDOUT)
-        self.err = OutputPump(err_r, limit, stream_conn, T_STDERR)
+        self.out = Sink(limit, stream_conn, T_STDOUT)
+        self.err = Sink(limit, stream_conn, T_STDERR)
+        PIDS.mark()
+        OUTPUT.begin(self.out, self.err)
         if self.input is not None:
             router.attach(self.input)
-        sys.stdin = open(0, "r", closefd=False)
-        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="backslashreplace")
-        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+        files = cls.files
+        if files is None or any(f.closed for f in files):
+            files = cls.files = (
+                open(0, "r", closefd=False),
+                open(1, "w", buffering=1, closefd=False, errors="backslashreplace"),
+                open(2, "w", buffering=1, closefd=False, errors="backslashreplace"),
+            )
+        sys.stdin, sys.stdout, sys.stderr = files
 
     def finish(self):
-        for f in (sys.stdout, sys.stderr):
+        for f in (sys.stdout, sys.stderr) + TaskIO.files[1:]:
             try:
                 f.flush()
             except Exception:
                 pass
-        sys.stdin, sys.stdout, sys.stderr = self.saved_sys
-        for i, fd in enumerate(self.saved):
-            os.dup2(fd, i)
-            os.close(fd)
-        reap_children()
+        sys.stdin, sys.stdout, sys.stderr = TaskIO.agent_sys
+        if PIDS.changed():
+            reap_children()
         if self.input is not None:
+            os.dup2(TaskIO.null_fd, 0)
             # It stays attached to the router until the host's end of input.
             self.input.close()
-        self.out.finish(OUTPUT_GRACE)
-        self.err.finish(OUTPUT_GRACE)
+        OUTPUT.end()
 
     def fill(self, res):
         """Sets the result's stdout, stderr and truncation flags."""
@@ -478,6 +603,21 @@ def load_pickle(raw, pickler):
         raise
 
 
+# CODE_CACHE keeps compiled task sources: a warm VM runs the same function
+# many times, and compiling it again each time cost more than a small call.
+CODE_CACHE = {}
+CODE_CACHE_MAX = 256
+
+# FN_CACHE keeps, by the task's cache_key (the host's content address of a
+# registered function: same source, names and module), the function and
+# the modules its source was run in, oldest first. A warm VM's later tasks
+# of that function reuse them, as a pool's worker process reuses what it
+# imported: module-level state one task leaves is seen by the next task of
+# the same function on that VM.
+FN_CACHE = {}
+FN_CACHE_MAX = 64
+
+
 class Task:
     """One parsed task and the state needed to clean up after it."""
 
@@ -505,7 +645,7 @@ class Task:
             if not callable(fn):
                 raise BadTask("unpickled object of type %s is not callable" % type(fn).__name__)
             return fn
-        raise BadTask("unknown task kind %r (want ref, source, pickle or run)" % (kind,))
+        raise BadTask("unknown task kind %r (want ref, source, pickle, run or shell)" % (kind,))
 
     def _resolve_ref(self, ref):
         import importlib
@@ -527,20 +667,62 @@ class Task:
         if not isinstance(source, str):
             raise BadTask("source task without source text")
         import linecache
+
+        m = self.msg
+        key = m.get("cache_key")
+        if not isinstance(key, str) or not key:
+            key = None
+        hit = FN_CACHE.get(key) if key else None
+        if hit is not None:
+            # The same function (same source, names and module) ran here
+            # before: its module is put back as it was left.
+            obj, modules, main, lines, self.filename = hit
+            self.saved_modules = {}
+            self.modules = {}
+            for modname, mod in modules.items():
+                self._install(modname, mod)
+            self.module = main
+            self.lines = lines
+            self._cache_lines()
+            return obj
+        obj = self._resolve_source_fresh(source, name)
+        if key:
+            if len(FN_CACHE) >= FN_CACHE_MAX:
+                FN_CACHE.pop(next(iter(FN_CACHE)))
+            FN_CACHE[key] = (obj, dict(self.modules), self.module, self.lines, self.filename)
+        return obj
+
+    def _cache_lines(self):
+        import linecache
+
+        for fn, lines in self.lines.items():
+            linecache.cache[fn] = (sum(len(x) for x in lines), None, lines, fn)
+
+    def _resolve_source_fresh(self, source, name):
         import types
 
-        self.filename = "<kiln-task %s>" % self.id
-        # Register the text so tracebacks show the task's source lines.
-        linecache.cache[self.filename] = (len(source), None, source.splitlines(True), self.filename)
-        mod = types.ModuleType(TASK_MODULE)
-        mod.__file__ = self.filename
-        sys.modules[TASK_MODULE] = mod
+        m = self.msg
+        modname = m.get("module") or TASK_MODULE
+        if not isinstance(modname, str) or not all(p.isidentifier() for p in modname.split(".")):
+            raise BadTask("bad module name %r" % (modname,))
+        self.filename = m.get("filename") or "<kiln-task %s>" % self.id
+        if not isinstance(self.filename, str):
+            raise BadTask("filename must be a string")
+        # During the task the module is importable under the client's own
+        # module name (with stand-in parent packages), so that pickle finds
+        # what it defines: arguments of the client's classes decode, and
+        # results of them decode on the client.
+        self.saved_modules = {}
+        self.modules = {}
+        mod = self._module(modname)
         self.module = mod
-        code = compile(source, self.filename, "exec")
-        exec(code, mod.__dict__)
+        self.lines = {}
         ns = mod.__dict__
+        for entry in m.get("namespace") or []:
+            self._define(entry, ns)
+        exec(self._compile(source, self.filename, m.get("lineno") or 1), ns)
+        self._cache_lines()
         if name:
-            obj = ns
             parts = name.split(".")
             if parts[0] not in ns:
                 raise NameError("name %r is not defined by the task source" % parts[0])
@@ -549,9 +731,7 @@ class Task:
                 obj = getattr(obj, part)
         else:
             fns = sorted(
-                k
-                for k, v in ns.items()
-                if isinstance(v, types.FunctionType) and getattr(v, "__module__", None) == TASK_MODULE
+                k for k, v in ns.items() if isinstance(v, types.FunctionType) and getattr(v, "__module__", None) == modname
             )
             if len(fns) != 1:
                 raise BadTask(
@@ -562,6 +742,103 @@ class Task:
         if not callable(obj):
             raise BadTask("%s is a %s, not a callable" % (name, type(obj).__name__))
         return obj
+
+    def _compile(self, source, filename, lineno):
+        """Compiles source as if it stood at line lineno of filename, so that
+        tracebacks name the client's file and line, and records its lines
+        for linecache."""
+        if not isinstance(lineno, int) or lineno < 1:
+            lineno = 1
+        lines = self.lines.setdefault(filename, [])
+        text = source.splitlines(True)
+        if len(lines) < lineno - 1 + len(text):
+            lines.extend(["\n"] * (lineno - 1 + len(text) - len(lines)))
+        lines[lineno - 1 : lineno - 1 + len(text)] = text
+        key = (source, filename, lineno)
+        code = CODE_CACHE.get(key)
+        if code is None:
+            if len(CODE_CACHE) >= CODE_CACHE_MAX:
+                CODE_CACHE.clear()
+            code = CODE_CACHE[key] = compile("\n" * (lineno - 1) + source, filename, "exec")
+        return code
+
+    def _module(self, modname):
+        """The task's module called modname, created (and made importable,
+        with stand-in parent packages) on first use."""
+        import types
+
+        mod = self.modules.get(modname)
+        if mod is not None:
+            return mod
+        if not all(p.isidentifier() for p in modname.split(".")):
+            raise BadTask("bad module name %r" % (modname,))
+        mod = types.ModuleType(modname)
+        mod.__file__ = self.filename
+        mod.__builtins__ = __builtins__
+        self._install(modname, mod)
+        return mod
+
+    def _install(self, modname, mod):
+        """Makes mod importable as modname for the task (with stand-in
+        parent packages); cleanup() puts back what was there."""
+        import types
+
+        parts = modname.split(".")
+        for i in range(1, len(parts) + 1):
+            name = ".".join(parts[:i])
+            if name not in self.saved_modules:
+                self.saved_modules[name] = sys.modules.get(name)
+            if i < len(parts) and name not in sys.modules:
+                sys.modules[name] = types.ModuleType(name)
+        sys.modules[modname] = mod
+        self.modules[modname] = mod
+
+    def _define(self, e, ns):
+        """Defines one entry of a task's namespace (what the function refers
+        to in its module, captured by the SDK): an import, a reference to an
+        importable object, a value, or the source of a function or class."""
+        import importlib
+
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise BadTask("bad namespace entry %r" % (e,))
+        name = e["name"]
+        target = e.get("module")
+        if target:
+            # A name of another of the client's modules: it lives in a
+            # module of that name (created once per task).
+            ns = self._module(target).__dict__
+        if "import" in e:
+            mod = importlib.import_module(e["import"])
+            for sub in e.get("submodules") or []:
+                importlib.import_module(sub)
+            if e.get("top"):
+                mod = sys.modules[e["import"].split(".")[0]]
+            ns[name] = mod
+        elif "ref" in e:
+            ns[name] = self._resolve_ref(e["ref"])
+        elif "value" in e:
+            ns[name] = decode_value(e["value"], "value of %s" % name)
+        elif "source" in e:
+            exec(self._compile(e["source"], e.get("filename") or self.filename, e.get("lineno") or 1), ns)
+            if name not in ns:
+                raise BadTask("the source sent for %s does not define it" % name)
+        else:
+            raise BadTask("namespace entry %s has no import, ref, value or source" % name)
+
+    def shell_spec(self):
+        """(command, walltime) of a shell task: its command template
+        formatted with the task's keyword arguments, as str.format does."""
+        cmd, walltime = self.msg.get("command"), self.msg.get("walltime") or 0
+        if not isinstance(cmd, str) or not cmd:
+            raise BadTask("shell task needs a command")
+        if not isinstance(walltime, (int, float)) or isinstance(walltime, bool) or walltime < 0:
+            raise BadTask("shell task walltime must be a non-negative number of seconds")
+        args, kwargs = self.args()
+        try:
+            cmd = cmd.format(*args, **kwargs)
+        except (KeyError, IndexError, ValueError) as e:
+            raise BadTask("formatting the shell command %r with the call's arguments: %s: %s" % (cmd, type(e).__name__, e)) from None
+        return cmd, walltime
 
     def run_spec(self):
         """(argv, env) of a run task."""
@@ -587,13 +864,17 @@ class Task:
 
     def cleanup(self):
         if self.module is not None:
-            if sys.modules.get(TASK_MODULE) is self.module:
-                del sys.modules[TASK_MODULE]
+            for name, prev in getattr(self, "saved_modules", {}).items():
+                if prev is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = prev
             self.module = None
         if self.filename is not None:
             import linecache
 
-            linecache.cache.pop(self.filename, None)
+            for fn in list(getattr(self, "lines", {})) or [self.filename]:
+                linecache.cache.pop(fn, None)
 
 
 def limit(msg, key, default):
@@ -603,9 +884,9 @@ def limit(msg, key, default):
     return default
 
 
-def json_exact(v, depth=0):
+def json_exact(v, depth=0, tuples=True):
     """True when json.dumps(v) round-trips to an equal value of the same types
-    (a tuple becoming a list is accepted)."""
+    (a tuple becoming a list is accepted unless tuples is False)."""
     t = type(v)
     if t is str or t is bool or t is int or v is None:
         return True
@@ -613,14 +894,14 @@ def json_exact(v, depth=0):
         return v == v and v not in (float("inf"), float("-inf"))
     if depth > 200:
         return False
-    if t is list or t is tuple:
+    if t is list or (t is tuple and tuples):
         for x in v:
-            if not json_exact(x, depth + 1):
+            if not json_exact(x, depth + 1, tuples):
                 return False
         return True
     if t is dict:
         for k, x in v.items():
-            if type(k) is not str or not json_exact(x, depth + 1):
+            if type(k) is not str or not json_exact(x, depth + 1, tuples):
                 return False
         return True
     return False
@@ -630,11 +911,13 @@ class TooLarge(Exception):
     pass
 
 
-def encode_value(v, max_result):
-    """Returns the Value dict for v, raising TooLarge over max_result bytes of data."""
+def encode_value(v, max_result, exact=False):
+    """Returns the Value dict for v, raising TooLarge over max_result bytes
+    of data. With exact, a value JSON would give back with other types (a
+    tuple) is pickled instead."""
     ok = False
     try:
-        ok = json_exact(v)
+        ok = json_exact(v, tuples=not exact)
     except RecursionError:
         ok = False
     if ok:
@@ -682,10 +965,10 @@ def dumps_result(res):
     return text.encode("utf-8", "surrogatepass")
 
 
-def serialize(value, max_result):
+def serialize(value, max_result, exact=False):
     """Returns the result fields for a returned value: ok+value, or an error."""
     try:
-        return {"ok": True, "value": encode_value(value, max_result)}
+        return {"ok": True, "value": encode_value(value, max_result, exact)}
     except TooLarge as e:
         return {
             "error": {
@@ -696,7 +979,7 @@ def serialize(value, max_result):
             "error_kind": E_TOO_LARGE,
         }
     except BaseException as e:
-        err = error_fields(e)
+        err = error_fields(e, True)
         err["message"] = bound_json(
             "result of type %s cannot be serialized: %s" % (type(value).__name__, err["message"]), MAX_MESSAGE
         )[0]
@@ -708,7 +991,7 @@ def bad_result(e, task_id=""):
         {
             "id": task_id,
             "ok": False,
-            "error": error_fields(e),
+            "error": error_fields(e, True),
             "error_kind": E_BAD_TASK,
             "stdout": "",
             "stderr": "",
@@ -738,7 +1021,7 @@ def run_task(payload, conn=None, router=None):
     res = {"id": task.id, "ok": False}
     timings = {"deserialize_ms": 0.0, "call_ms": 0.0, "serialize_ms": 0.0}
     try:
-        tio = TaskIO(conn, max_output, stream, stdin, router or Router(None))
+        tio = TaskIO(conn, max_output, stream, stdin, router)
     except OSError as e:
         return bad_result(e, task.id)
     try:
@@ -746,22 +1029,24 @@ def run_task(payload, conn=None, router=None):
         try:
             if msg.get("kind") == "run":
                 fn, args, kwargs = run_command, [task.run_spec()], {}
+            elif msg.get("kind") == "shell":
+                fn, args, kwargs = shell_command, [task.shell_spec()], {}
             else:
                 fn = task.resolve()
                 args, kwargs = task.args()
         except BaseException as e:
-            res["error"] = error_fields(e)
+            res["error"] = error_fields(e, True)
             res["error_kind"] = E_BAD_TASK
         else:
             t1 = time.perf_counter()
             try:
                 value = fn(*args, **kwargs)
             except BaseException as e:
-                res["error"] = error_fields(e)
+                res["error"] = error_fields(e, True)
                 res["error_kind"] = E_EXCEPTION
             else:
                 t2 = time.perf_counter()
-                res.update(serialize(value, max_result))
+                res.update(serialize(value, max_result, bool(msg.get("exact_types"))))
                 value = None
             finally:
                 fn = args = kwargs = None
@@ -781,6 +1066,41 @@ def run_task(payload, conn=None, router=None):
     tio.fill(res)
     res["timings"] = timings
     return dumps_result(res)
+
+
+# ---------------------------------------------------------------- shell
+
+# WALLTIME_EXIT is a shell task's return code when it ran past its
+# walltime, as GNU timeout (and Globus Compute's ShellFunction) reports it.
+WALLTIME_EXIT = 124
+
+
+def shell_command(spec):
+    """The "shell" task: runs the command with /bin/sh -c and the task's
+    fds, in a session of its own that is killed at the walltime (0: none).
+    Returns {"returncode", "cmd"}; the output is the task's stdout and
+    stderr."""
+    cmd, walltime = spec
+    import signal
+    import subprocess
+
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", cmd], start_new_session=True)
+    except OSError as e:
+        os.write(2, ("kiln: /bin/sh: %s (the image has no shell: rebuild it with this kiln)\n" % e.strerror).encode())
+        return {"returncode": 127, "cmd": cmd}
+    try:
+        code = proc.wait(timeout=walltime or None)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+        code = WALLTIME_EXIT
+    if code < 0:
+        code = 128 - code
+    return {"returncode": code, "cmd": cmd}
 
 
 # ---------------------------------------------------------------- run
@@ -835,10 +1155,10 @@ def run_python(form, env):
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except BaseException:
+    except BaseException as e:
         import traceback
 
-        traceback.print_exc()
+        traceback.print_exception(type(e), e, user_frames(e.__traceback__))
         code = 1
     finally:
         try:
@@ -985,103 +1305,159 @@ def parse_args(argv):
     return opts
 
 
-def children(pid):
-    """Direct children of pid, from /proc/PID/task/*/children."""
-    kids = []
+def process_table():
+    """{pid: ppid} of every process, from /proc/PID/stat (a kernel need not
+    have /proc/PID/task/TID/children)."""
+    table = {}
     try:
-        tids = os.listdir("/proc/%d/task" % pid)
+        names = os.listdir("/proc")
     except OSError:
-        return kids
-    for tid in tids:
+        return table
+    for name in names:
+        if not name.isdigit():
+            continue
         try:
-            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
-                kids.extend(int(x) for x in f.read().split())
-        except (OSError, ValueError):
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        try:
+            table[int(name)] = int(fields[1])
+        except (IndexError, ValueError):
             pass
-    return kids
+    return table
 
 
 def reap_children():
     """Kill what a task left running: a task's processes do not outlive it
     (a fork bomb or a forgotten background process would otherwise hold the
-    warm VM's memory and pids for every later task)."""
-    direct = children(os.getpid())
-    if not direct:
-        return
+    warm VM's memory and pids for every later task, and write into its
+    output). In a kiln VM that includes orphans that escaped the agent's
+    tree (a double fork): PID 1 there starts the agent and nothing else, so
+    any other child of PID 1 is a task's."""
     import signal
 
-    todo, seen = list(direct), set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        todo.extend(children(pid))
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    for pid in direct:
-        try:
-            os.waitpid(pid, 0)
-        except OSError:
-            pass
+    me = os.getpid()
+    for _ in range(8):
+        table = process_table()
+        kids = {}
+        for pid, ppid in table.items():
+            kids.setdefault(ppid, []).append(pid)
+        direct = kids.get(me, [])
+        roots = list(direct)
+        if IN_VM:
+            roots += [p for p in kids.get(1, []) if p != me]
+        if not roots:
+            return
+        todo, seen = roots, set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            todo.extend(kids.get(pid, []))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in direct:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+
+
+# IN_VM is set when the agent runs as the child of a kiln VM's PID 1 (it
+# was given a virtio port): only then are PID 1's other children a task's.
+IN_VM = False
 
 
 class Router:
-    """Reads the host channel in a thread: Stdin frames go to the input of
-    the task that asked for stdin, every other frame to the main loop's
-    queue (None at the end of the stream, or the exception that ended it).
+    """Reads the host channel. Between tasks the main loop reads the next
+    frame itself (next()). While a stdin task runs, a reader thread reads
+    instead: its Stdin frames go to the task's input, any other frame is
+    queued for the main loop.
 
     The host sends a stdin task's input right after its Task frame and
     always ends it with one empty Stdin frame, even when the task finished
-    first. Stdin frames that come before the task has attached its input
-    wait in order; an input stays attached until its empty frame arrives,
-    so input the task did not read is dropped, never given to the next."""
+    first: the reader stops there, and the main loop reads again. An input
+    stays attached until its empty frame arrives, so input the task did not
+    read is dropped, never given to the next; Stdin frames of a task that
+    never attached one are skipped."""
 
     def __init__(self, conn):
-        import queue
+        import collections
         import threading
 
         self.conn = conn
-        self.frames = queue.Queue()
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.queued = collections.deque()  # frames, None (end) or an exception
+        self.reader = None  # the reader thread, while it reads
         self.input = None  # the attached input, until its end of input
-        self.pending = []  # Stdin payloads that came before it attached
-        if conn is not None:
-            threading.Thread(target=self._run, name="kiln-reader", daemon=True).start()
+
+    def next(self):
+        """The next frame for the main loop: (type, payload, length), None
+        at the end of the stream; raises what ended the stream."""
+        with self.cond:
+            while self.reader is not None and not self.queued:
+                self.cond.wait()
+            if self.queued:
+                item = self.queued.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                return item
+        while True:
+            frame = self.conn.recv()
+            if frame is None or frame[0] != T_STDIN:
+                return frame
+            # A stray end of input (its task was abandoned): nothing reads it.
 
     def attach(self, inp):
-        """Makes inp the receiver of the next task input on the stream."""
-        with self.lock:
-            self.input = inp
-            while self.pending and self.input is not None:
-                self._deliver(self.pending.pop(0))
+        """Makes inp the receiver of the task input that comes next on the
+        stream, and reads the stream in a thread until that input ends."""
+        import threading
 
-    def _deliver(self, data):
-        # Called with the lock held.
-        self.input.feed(data)
-        if not data:
-            self.input = None
+        with self.cond:
+            self.input = inp
+            if self.reader is None:
+                self.reader = threading.Thread(target=self._run, name="kiln-reader", daemon=True)
+                self.reader.start()
 
     def _run(self):
         try:
             while True:
                 frame = self.conn.recv()
                 if frame is None:
-                    self.frames.put(None)
+                    self._stop(None)
                     return
-                if frame[0] == T_STDIN:
-                    data = frame[1] if frame[1] is not None else b""
-                    with self.lock:
-                        if self.input is None:
-                            self.pending.append(data)
-                        else:
-                            self._deliver(data)
+                if frame[0] != T_STDIN:
+                    with self.cond:
+                        self.queued.append(frame)
+                        self.cond.notify_all()
                     continue
-                self.frames.put(frame)
+                data = frame[1] if frame[1] is not None else b""
+                with self.cond:
+                    inp = self.input
+                    if not data:
+                        self.input = None
+                if inp is not None:
+                    inp.feed(data)
+                if not data:
+                    self._stop()
+                    return
         except BaseException as e:
-            self.frames.put(e)
+            self._stop(e)
+
+    _NOTHING = object()
+
+    def _stop(self, item=_NOTHING):
+        with self.cond:
+            if item is not Router._NOTHING:
+                self.queued.append(item)
+            self.reader = None
+            self.cond.notify_all()
 
 
 def too_large_result(length, max_frame):
@@ -1105,11 +1481,9 @@ def too_large_result(length, max_frame):
 def serve(conn):
     router = Router(conn)
     while True:
-        frame = router.frames.get()
+        frame = router.next()
         if frame is None:
             return
-        if isinstance(frame, BaseException):
-            raise frame
         ftype, payload, length = frame
         if payload is None:
             log("dropped a type 0x%02x frame of %d bytes (limit %d)" % (ftype, length, conn.max_frame))
@@ -1125,7 +1499,7 @@ def serve(conn):
 
 
 def main(argv):
-    global LOG_FD
+    global LOG_FD, IN_VM
     try:
         LOG_FD = os.dup(2)
         os.set_inheritable(LOG_FD, False)
@@ -1136,6 +1510,7 @@ def main(argv):
     except ValueError as e:
         log("%s\n%s" % (e, USAGE))
         return 2
+    IN_VM = opts["port"] is not None and os.getppid() == 1
     try:
         if opts["port"] is not None:
             transport = Transport.open_port(opts["port"])

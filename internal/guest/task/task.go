@@ -26,7 +26,43 @@ const (
 	// KindRun runs a command (Argv, Env) with the task's fds and returns
 	// {"code": exit status}: kiln run from a snapshot.
 	KindRun = "run"
+	// KindShell runs Command, formatted with the call's arguments as
+	// Python's str.format does, with /bin/sh -c and returns
+	// {"returncode", "cmd"}; the output is the Result's stdout and stderr.
+	// Past Walltime the command is killed and its returncode is
+	// WalltimeExit.
+	KindShell = "shell"
 )
+
+// WalltimeExit is a shell task's returncode when it ran past its walltime
+// (as GNU timeout reports it).
+const WalltimeExit = 124
+
+// Def is one entry of a source task's namespace: what the function's module
+// held that the function uses, captured by the client (the Python SDK) and
+// defined by the agent, in order, before the function's own source. Exactly
+// one of Import, Ref, Value and Source is set.
+type Def struct {
+	Name string `json:"name"`
+	// Module is the client module whose namespace Name is defined in ("":
+	// the task's module): functions of another of the client's modules
+	// live in a module of their own, so pickle finds them under it.
+	Module string `json:"module,omitempty"`
+	// Import binds Name to the module Import (importing Submodules too;
+	// with Top, Name is the top-level package, as "import a.b" binds a).
+	Import     string   `json:"import,omitempty"`
+	Submodules []string `json:"submodules,omitempty"`
+	Top        bool     `json:"top,omitempty"`
+	// Ref binds Name to "module:qualname", importable in the image.
+	Ref string `json:"ref,omitempty"`
+	// Value binds Name to a value.
+	Value *Value `json:"value,omitempty"`
+	// Source is the text of a def or class statement that defines Name,
+	// standing at line Lineno of Filename in the client's file.
+	Source   string `json:"source,omitempty"`
+	Filename string `json:"filename,omitempty"`
+	Lineno   int    `json:"lineno,omitempty"`
+}
 
 // Failure kinds: why a task failed. They are written once, here. The agent
 // reports the first four in Result.ErrorKind (agent.py spells the same
@@ -159,6 +195,25 @@ type Task struct {
 	// Stdin makes the task's fd 0 the host's Stdin frames (an empty frame
 	// ends the input) instead of /dev/null.
 	Stdin bool `json:"stdin,omitempty"`
+	// Module, Filename and Lineno say where a source task's function was
+	// written (the client's module name, file and first line), so that
+	// tracebacks point there and pickle finds the module's classes;
+	// Namespace holds what the function uses from its module.
+	Module    string `json:"module,omitempty"`
+	Filename  string `json:"filename,omitempty"`
+	Lineno    int    `json:"lineno,omitempty"`
+	Namespace []Def  `json:"namespace,omitempty"`
+	// ExactTypes pickles a result that JSON would give back with other
+	// types (a tuple), instead of sending it as JSON.
+	ExactTypes bool `json:"exact_types,omitempty"`
+	// Command and Walltime (seconds; 0: none) make a shell task.
+	Command  string  `json:"command,omitempty"`
+	Walltime float64 `json:"walltime,omitempty"`
+	// CacheKey, when set, names the function exactly (the endpoint's
+	// content address of it): a source task's function and the modules its
+	// source ran in are kept under it by the agent, and later tasks with
+	// the same key reuse them, as a pool's worker reuses what it imported.
+	CacheKey string `json:"cache_key,omitempty"`
 	// MaxOutput caps the captured stdout and stderr, each, in bytes (0: DefaultMaxOutput).
 	MaxOutput int `json:"max_output,omitempty"`
 	// MaxResult caps the serialized value in bytes (0: DefaultMaxResult).
@@ -180,6 +235,13 @@ func (t *Task) Validate() error {
 		if len(t.Argv) == 0 || t.Argv[0] == "" {
 			return errors.New("run task needs a command (argv)")
 		}
+	case KindShell:
+		if t.Command == "" {
+			return errors.New("shell task needs a command")
+		}
+		if t.Walltime < 0 {
+			return errors.New("shell task walltime must not be negative")
+		}
 	case KindPickle:
 		if len(t.Pickle) == 0 {
 			return errors.New("pickle task needs pickle bytes")
@@ -190,7 +252,7 @@ func (t *Task) Validate() error {
 			return fmt.Errorf("unknown pickler %q (want cloudpickle, dill or pickle)", t.Pickler)
 		}
 	default:
-		return fmt.Errorf("unknown task kind %q (want ref, source, pickle or run)", t.Kind)
+		return fmt.Errorf("unknown task kind %q (want ref, source, pickle, run or shell)", t.Kind)
 	}
 	for _, v := range []*Value{t.Args, t.Kwargs} {
 		if v != nil {
@@ -199,8 +261,32 @@ func (t *Task) Validate() error {
 			}
 		}
 	}
+	for i, d := range t.Namespace {
+		if err := d.validate(); err != nil {
+			return fmt.Errorf("namespace entry %d: %w", i, err)
+		}
+	}
 	if t.MaxOutput < 0 || t.MaxResult < 0 {
 		return errors.New("max_output and max_result must not be negative")
+	}
+	return nil
+}
+
+func (d *Def) validate() error {
+	if d.Name == "" {
+		return errors.New("no name")
+	}
+	n := 0
+	for _, set := range []bool{d.Import != "", d.Ref != "", d.Value != nil, d.Source != ""} {
+		if set {
+			n++
+		}
+	}
+	if n != 1 {
+		return fmt.Errorf("%s: want exactly one of import, ref, value and source", d.Name)
+	}
+	if d.Value != nil {
+		return d.Value.validate()
 	}
 	return nil
 }
@@ -225,7 +311,13 @@ func (t *Task) MaxFrame() uint32 {
 type Error struct {
 	Type      string `json:"type"` // qualified exception type, "ValueError", "numpy.linalg.LinAlgError"
 	Message   string `json:"message"`
-	Traceback string `json:"traceback"`
+	Traceback string `json:"traceback"` // the user's frames only
+	// Module, Qualname, Args and State describe the raised exception well
+	// enough for the SDK to raise one of the same type.
+	Module   string `json:"module,omitempty"`
+	Qualname string `json:"qualname,omitempty"`
+	Args     *Value `json:"args,omitempty"`
+	State    *Value `json:"state,omitempty"`
 }
 
 // Timings splits a task's time in the agent.
