@@ -76,7 +76,7 @@ boots it as a single-purpose microVM on QEMU (KVM when available, TCG otherwise)
 	}{
 		{"images", "Images:", []*cobra.Command{newBuildCmd(a), newInspectCmd(a), newKernelCmd(a)}},
 		{"running", "Running:", []*cobra.Command{newRunCmd(a), newInvokeCmd(a), newSnapshotCmd(a)}},
-		{"serving", "Serving:", []*cobra.Command{newServeCmd(a), newSubmitCmd(a), newResultCmd(a)}},
+		{"serving", "Serving:", []*cobra.Command{newServeCmd(a), newSubmitCmd(a), newResultCmd(a), newWorkerCmd(a), newWorkersCmd(a)}},
 		{"experiments", "Experiments:", []*cobra.Command{newBenchCmd(a)}},
 	}
 	for _, g := range groups {

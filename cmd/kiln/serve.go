@@ -3,11 +3,14 @@ package main
 import (
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-dev/kiln/internal/endpoint"
+	"github.com/kiln-dev/kiln/internal/endpoint/slurm"
 	"github.com/kiln-dev/kiln/internal/vm"
 )
 
@@ -32,10 +35,19 @@ told otherwise, and refuses a non-loopback address without a token.
 
 Settings can also come from a TOML file (--config) with the keys listen,
 images, state, max_vms, max_memory, pool_max, min_idle, idle_timeout,
-max_queued, max_body, result_ttl, shutdown_grace, insecure_no_auth; flags win.`,
+max_queued, max_body, result_ttl, shutdown_grace, insecure_no_auth, provider,
+advertise and a [slurm] table; flags win.
+
+With provider = "slurm" the endpoint runs no VMs itself: it submits pilot
+jobs (blocks) with sbatch, each runs "kiln worker" on its compute node, and
+the number of blocks follows the queue (docs/slurm.md). The pilot job is
+checked with sbatch --test-only at start, so a bad partition or account
+stops kiln serve with sbatch's own message. Stopping kiln serve cancels its
+blocks. provider = "workers" takes workers started by hand.`,
 		Example: `  kiln serve --images /shared/images
   kiln serve --config /etc/kiln/serve.toml
-  kiln serve --images ./images --max-vms 4 --max-memory 8G --idle-timeout 10m`,
+  kiln serve --images ./images --max-vms 4 --max-memory 8G --idle-timeout 10m
+  kiln serve --images /shared/images --listen 10.1.0.5:8470 --provider slurm --partition compute --max-blocks 4`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if configPath != "" {
@@ -50,7 +62,14 @@ max_queued, max_body, result_ttl, shutdown_grace, insecure_no_auth; flags win.`,
 				return err
 			}
 			cfg.Log = a.logger()
-			cfg.VM = vm.Config{Log: cfg.Log, Accel: a.accel()}
+			if configPath != "" {
+				if cfg.ConfigFile, err = filepath.Abs(configPath); err != nil {
+					return err
+				}
+			}
+			if cfg.Provider == endpoint.ProviderLocal || cfg.Provider == "" {
+				cfg.VM = vm.Config{Log: cfg.Log, Accel: a.accel()}
+			}
 			if err := endpoint.CheckListen(c.Listen, !cfg.NoAuth); err != nil {
 				return err
 			}
@@ -69,14 +88,35 @@ max_queued, max_body, result_ttl, shutdown_grace, insecure_no_auth; flags win.`,
 			if err != nil {
 				return fmt.Errorf("listening on %s (is another kiln serve running? choose --listen): %w", c.Listen, err)
 			}
+			if cfg.Provider == endpoint.ProviderSlurm {
+				exe, err := os.Executable()
+				if err != nil {
+					ln.Close()
+					return fmt.Errorf("finding the kiln binary for the pilot jobs: %w", err)
+				}
+				u := advertiseURL(c.Advertise, ln.Addr())
+				cfg.WorkerCommand = []string{exe, "worker", "--endpoint", u}
+				if !cfg.NoAuth {
+					cfg.WorkerCommand = append(cfg.WorkerCommand, "--token-file", slurm.TokenFile(cfg.StateDir))
+				}
+				if a.verbose {
+					cfg.WorkerCommand = append(cfg.WorkerCommand, "-v")
+				}
+				fmt.Fprintf(a.stderr, "kiln: checking the pilot job with sbatch --test-only (workers will reach this endpoint at %s)\n", u)
+			}
 			srv, err := endpoint.New(cfg)
 			if err != nil {
 				ln.Close()
 				return err
 			}
 			eff := srv.Config()
-			fmt.Fprintf(a.stderr, "kiln: serving on http://%s (images %s, state %s, up to %d VMs and %d MiB)\n",
-				ln.Addr(), orNone(eff.ImagesDir), eff.StateDir, eff.MaxVMs, eff.MaxMemoryMiB)
+			if eff.Provider == endpoint.ProviderLocal {
+				fmt.Fprintf(a.stderr, "kiln: serving on http://%s (images %s, state %s, up to %d VMs and %d MiB)\n",
+					ln.Addr(), orNone(eff.ImagesDir), eff.StateDir, eff.MaxVMs, eff.MaxMemoryMiB)
+			} else {
+				fmt.Fprintf(a.stderr, "kiln: serving on http://%s (images %s, state %s, provider %s: tasks run on workers; kiln workers lists them)\n",
+					ln.Addr(), orNone(eff.ImagesDir), eff.StateDir, eff.Provider)
+			}
 			serr := srv.Serve(cmd.Context(), ln)
 			fmt.Fprintln(a.stderr, "kiln: shutting down")
 			if err := srv.Close(); err != nil && serr == nil {
@@ -100,7 +140,30 @@ max_queued, max_body, result_ttl, shutdown_grace, insecure_no_auth; flags win.`,
 	f.StringVar(&c.ResultTTL, "result-ttl", endpoint.DefaultResultTTL.String(), "how long finished tasks and results are kept")
 	f.StringVar(&c.ShutdownGrace, "shutdown-grace", "10s", "on shutdown, how long running tasks may finish (the rest run again after a restart)")
 	f.BoolVar(&c.InsecureNoAuth, "insecure-no-auth", false, "serve without a token (refused unless listening on loopback)")
+	f.StringVar(&c.Provider, "provider", endpoint.ProviderLocal, "where tasks run: local (this machine's VMs), slurm (workers in pilot jobs), workers (workers started by hand)")
+	f.StringVar(&c.Advertise, "advertise", "", "URL the workers reach this endpoint at (default: from --listen, with this host's name for 0.0.0.0)")
+	f.StringVar(&c.Slurm.Partition, "partition", "", "[slurm] partition of the pilot jobs")
+	f.StringVar(&c.Slurm.Account, "account", "", "[slurm] account of the pilot jobs")
+	f.StringVar(&c.Slurm.Walltime, "walltime", "", "[slurm] walltime of a pilot job, as sbatch --time takes it (default "+slurm.DefaultWalltime+")")
+	f.IntVar(&c.Slurm.MaxBlocks, "max-blocks", 0, "[slurm] the most pilot jobs at once (default 1)")
+	f.IntVar(&c.Slurm.CPUsPerTask, "cpus-per-task", 0, "[slurm] CPUs of each worker")
 	return cmd
+}
+
+// advertiseURL is the URL workers are given: the --advertise value, else
+// the listening address, with the host's name for an unspecified one.
+func advertiseURL(adv string, addr net.Addr) string {
+	if adv != "" {
+		return strings.TrimRight(adv, "/")
+	}
+	host, port, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		return "http://" + addr.String()
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		host = hostname()
+	}
+	return "http://" + net.JoinHostPort(host, port)
 }
 
 func orNone(s string) string {
@@ -155,4 +218,24 @@ func mergeServeConfig(cmd *cobra.Command, c *endpoint.FileConfig, fc endpoint.Fi
 		}
 	})
 	set("insecure-no-auth", func() { c.InsecureNoAuth = fc.InsecureNoAuth })
+	set("provider", func() {
+		if fc.Provider != "" {
+			c.Provider = fc.Provider
+		}
+	})
+	set("advertise", func() { c.Advertise = fc.Advertise })
+	// The [slurm] table, with the keys whose flags were given replaced.
+	sl := fc.Slurm
+	for flag, apply := range map[string]func(){
+		"partition":     func() { sl.Partition = c.Slurm.Partition },
+		"account":       func() { sl.Account = c.Slurm.Account },
+		"walltime":      func() { sl.Walltime = c.Slurm.Walltime },
+		"max-blocks":    func() { sl.MaxBlocks = c.Slurm.MaxBlocks },
+		"cpus-per-task": func() { sl.CPUsPerTask = c.Slurm.CPUsPerTask },
+	} {
+		if ch(flag) {
+			apply()
+		}
+	}
+	c.Slurm = sl
 }

@@ -232,7 +232,7 @@ func timePtr(t time.Time) *time.Time {
 
 func viewTask(t *TaskRecord, withResult bool) apitype.TaskView {
 	v := apitype.TaskView{ID: t.ID, FunctionID: t.FunctionID, TaskGroup: t.TaskGroup, State: t.State, Attempts: t.Attempts, CreatedAt: t.Created,
-		StartedAt: timePtr(t.Started), FinishedAt: timePtr(t.Finished), Error: t.Error, ErrorCode: t.ErrorCode}
+		StartedAt: timePtr(t.Started), FinishedAt: timePtr(t.Finished), Error: t.Error, ErrorCode: t.ErrorCode, Worker: t.Worker}
 	if withResult {
 		v.Result = t.Result
 	}
@@ -261,6 +261,11 @@ func (s *Server) Handler() http.Handler {
 	h("GET /v1/tasks", s.listTasks)
 	h("GET /v1/tasks/{id}", s.getTask)
 	h("POST /v1/tasks/{id}/cancel", s.cancelTask)
+	h("POST /v1/workers", s.registerWorker)
+	h("GET /v1/workers", s.listWorkers)
+	h("POST /v1/workers/{id}/poll", s.pollWorker)
+	h("POST /v1/workers/{id}/report", s.reportWorker)
+	h("DELETE /v1/workers/{id}", s.deregisterWorker)
 	h("/", func(w http.ResponseWriter, r *http.Request) error {
 		return errorf(http.StatusNotFound, apitype.ErrCodeNotFound, "no route %s %s (see docs/api.md)", r.Method, r.URL.Path)
 	})
@@ -347,7 +352,15 @@ func (s *Server) gauges(ctx context.Context) (gaugeSnapshot, error) {
 		return gaugeSnapshot{}, err
 	}
 	vms, mem, queued := s.sched.snapshot()
-	return gaugeSnapshot{tasks: counts, vms: vms, vmMemMiB: mem, queued: queued, maxVMs: s.cfg.MaxVMs, maxMemMiB: s.cfg.MaxMemoryMiB}, nil
+	g := gaugeSnapshot{tasks: counts, vms: vms, vmMemMiB: mem, queued: queued, maxVMs: s.cfg.MaxVMs, maxMemMiB: s.cfg.MaxMemoryMiB,
+		workers: map[string]int{}}
+	for _, v := range s.workers.views(time.Now()) {
+		g.workers[v.State]++
+	}
+	if s.provider != nil {
+		g.blocks = s.provider.blockCounts()
+	}
+	return g, nil
 }
 
 func (s *Server) listImages(w http.ResponseWriter, r *http.Request) error {
@@ -725,6 +738,13 @@ func (s *Server) listTasks(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// cancelRunning stops a running task, on this endpoint's VMs or on a worker.
+func (s *Server) cancelRunning(id string) {
+	if !s.sched.cancelRunning(id) {
+		s.workers.cancelRemote(id)
+	}
+}
+
 // cancelTask cancels a queued task, and a running one unless
 // ?only_queued=true (what an Executor's Future.cancel needs: a running
 // task is not cancelled, as concurrent.futures does).
@@ -752,12 +772,13 @@ func (s *Server) cancelTask(w http.ResponseWriter, r *http.Request) error {
 			s.sched.removeQueued(t.FunctionID, id)
 			s.m.completed.WithLabelValues(apitype.StateCancelled).Inc()
 			s.w.notify(id)
+			s.workers.cancelRemote(id) // leased to a worker, not started yet
 		} else if !onlyQueued {
-			s.sched.cancelRunning(id) // it started meanwhile
+			s.cancelRunning(id) // it started meanwhile
 		}
 	case apitype.StateRunning:
 		if !onlyQueued {
-			s.sched.cancelRunning(id)
+			s.cancelRunning(id)
 		}
 	}
 	if t, err = s.task(r.Context(), id); err != nil {

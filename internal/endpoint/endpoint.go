@@ -21,10 +21,13 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
+	"github.com/kiln-dev/kiln/internal/endpoint/slurm"
 	"github.com/kiln-dev/kiln/internal/guest/task"
 	"github.com/kiln-dev/kiln/internal/vm"
 	"github.com/kiln-dev/kiln/internal/vmm"
@@ -81,7 +84,30 @@ type Config struct {
 
 	VM  vm.Config // VM options; Image and MemoryMiB are set per pool
 	Log *slog.Logger
+
+	// Provider says where tasks run (ProviderLocal, ProviderSlurm,
+	// ProviderWorkers); "" is ProviderLocal. With a remote provider the
+	// endpoint starts no VMs: workers lease its tasks (docs/slurm.md).
+	Provider string
+	// Slurm configures ProviderSlurm (the [slurm] table of serve.toml).
+	Slurm         slurm.Config
+	SlurmCommands slurm.Commands // sbatch, squeue, sacct, scancel; "": on PATH
+	// WorkerCommand is what a pilot job runs: kiln worker --endpoint URL
+	// --token-file FILE (kiln serve builds it).
+	WorkerCommand []string
+	ConfigFile    string        // named in the pilot script's header
+	ScaleInterval time.Duration // how often blocks are polled and scaled; 0: DefaultScaleInterval
+	// WorkerHeartbeat and WorkerLostAfter: see apitype.WorkerHeartbeat
+	// (tests shorten them).
+	WorkerHeartbeat, WorkerLostAfter time.Duration
+
+	// onChange, when set, is told of every task state change the
+	// scheduler makes (the worker bridge's feed).
+	onChange func(id string)
 }
+
+// remote reports whether workers run the tasks.
+func (c *Config) remote() bool { return c.Provider == ProviderSlurm || c.Provider == ProviderWorkers }
 
 func (c *Config) defaults() {
 	if c.MaxVMs <= 0 {
@@ -129,6 +155,18 @@ func (c *Config) defaults() {
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
 	}
+	if c.Provider == "" {
+		c.Provider = ProviderLocal
+	}
+	if c.ScaleInterval <= 0 {
+		c.ScaleInterval = DefaultScaleInterval
+	}
+	if c.WorkerHeartbeat <= 0 {
+		c.WorkerHeartbeat = apitype.WorkerHeartbeat
+	}
+	if c.WorkerLostAfter <= 0 {
+		c.WorkerLostAfter = apitype.WorkerLostAfter
+	}
 	if c.ImagesDir != "" {
 		if abs, err := filepath.Abs(c.ImagesDir); err == nil {
 			c.ImagesDir = abs
@@ -148,6 +186,10 @@ type Server struct {
 	stop   chan struct{}
 	done   chan struct{}
 	closed sync.Once
+
+	workers    *workers
+	provider   *blockManager // ProviderSlurm's blocks, else nil
+	remoteDone chan struct{} // closed when remoteLoop ends; nil when local
 }
 
 // New opens the store in cfg.StateDir, handles the tasks a previous
@@ -157,6 +199,9 @@ func New(cfg Config) (_ *Server, err error) {
 	cfg.defaults()
 	if cfg.StateDir == "" {
 		return nil, errors.New("endpoint: no state directory given (set --state or $KILN_STATE)")
+	}
+	if !slices.Contains(Providers, cfg.Provider) {
+		return nil, fmt.Errorf("provider %q: want one of %s", cfg.Provider, strings.Join(Providers, ", "))
 	}
 	if err := privateStateDir(cfg.StateDir); err != nil {
 		return nil, err
@@ -190,7 +235,11 @@ func New(cfg Config) (_ *Server, err error) {
 	if _, err := s.store.Expire(ctx, time.Now()); err != nil {
 		return nil, err
 	}
-	s.sched = newScheduler(&s.cfg, s.store, s.images, s.m, s.w.notify)
+	s.sched = newScheduler(&s.cfg, s.store, s.images, s.m, s.notify)
+	s.workers = newWorkers(s)
+	if cfg.remote() {
+		s.sched.remote = s.workers.signal
+	}
 	s.m.watch(s.gauges)
 	queued, err := s.store.Queued(ctx)
 	if err != nil {
@@ -210,9 +259,18 @@ func New(cfg Config) (_ *Server, err error) {
 	if len(queued) > 0 {
 		cfg.Log.Info("queued tasks from before the restart", "tasks", len(queued))
 	}
+	if cfg.Provider == ProviderSlurm {
+		if s.provider, err = startSlurm(ctx, s); err != nil {
+			return nil, err
+		}
+	}
 	s.sched.start()
 	s.sched.poke()
 	go s.janitor()
+	if cfg.remote() {
+		s.remoteDone = make(chan struct{})
+		go s.remoteLoop()
+	}
 	return s, nil
 }
 
@@ -246,6 +304,14 @@ func privateStateDir(dir string) error {
 		}
 	}
 	return nil
+}
+
+// notify wakes the waiters of task id (and the worker bridge).
+func (s *Server) notify(id string) {
+	s.w.notify(id)
+	if s.cfg.onChange != nil {
+		s.cfg.onChange(id)
+	}
 }
 
 // Token returns the bearer token clients must send ("" with NoAuth).
@@ -282,6 +348,12 @@ func (s *Server) Close() error {
 	s.closed.Do(func() {
 		close(s.stop)
 		<-s.done
+		if s.remoteDone != nil {
+			<-s.remoteDone
+		}
+		if s.provider != nil {
+			s.provider.close()
+		}
 		s.sched.close(s.cfg.ShutdownGrace)
 		s.w.closeAll()
 		err = s.store.Close()

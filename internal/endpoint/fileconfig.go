@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/kiln-dev/kiln/internal/endpoint/slurm"
 	"github.com/kiln-dev/kiln/internal/size"
 )
 
@@ -29,6 +32,12 @@ type FileConfig struct {
 	ResultTTL      string `toml:"result_ttl"`
 	ShutdownGrace  string `toml:"shutdown_grace"`
 	InsecureNoAuth bool   `toml:"insecure_no_auth"`
+	// Provider: "local" (default), "slurm" or "workers" (see Providers).
+	Provider string `toml:"provider"`
+	// Advertise is the URL workers reach the endpoint at (default: the
+	// listen address, with this host's name for 0.0.0.0 or [::]).
+	Advertise string       `toml:"advertise"`
+	Slurm     slurm.Config `toml:"slurm"`
 }
 
 // LoadFileConfig reads a config file strictly: an unknown key is an error
@@ -62,6 +71,15 @@ func (c *FileConfig) Config() (Config, error) {
 	cfg := Config{
 		ImagesDir: c.Images, StateDir: c.State, NoAuth: c.InsecureNoAuth,
 		MaxVMs: c.MaxVMs, PoolMax: c.PoolMax, MinIdle: c.MinIdle, MaxQueued: c.MaxQueued,
+		Provider: c.Provider, Slurm: c.Slurm,
+	}
+	if c.Provider != "" && !slices.Contains(Providers, c.Provider) {
+		return cfg, fmt.Errorf("provider = %q: want one of %s", c.Provider, strings.Join(Providers, ", "))
+	}
+	if c.Provider == ProviderSlurm {
+		if err := cfg.Slurm.Validate(); err != nil {
+			return cfg, err
+		}
 	}
 	if cfg.StateDir == "" {
 		d, err := DefaultStateDir()

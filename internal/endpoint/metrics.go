@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
+	"github.com/kiln-dev/kiln/internal/endpoint/slurm"
 )
 
 // The metrics live in a prometheus.Registry per Server (never the global
@@ -110,6 +111,8 @@ type gaugeSnapshot struct {
 	queued    int
 	maxVMs    int
 	maxMemMiB int
+	blocks    map[string]int // a provider's blocks by state; nil: local provider
+	workers   map[string]int // workers by state
 }
 
 // watch registers the gauges, which snap reads at every scrape.
@@ -138,7 +141,9 @@ var (
 	descVMMem     = prometheus.NewDesc("kiln_vm_memory_mib", "Guest memory of the VMs that are running or starting.", nil, nil)
 	descVMsMax    = prometheus.NewDesc("kiln_vms_max", "The cap on concurrent VMs.", nil, nil)
 	descVMMemMax  = prometheus.NewDesc("kiln_vm_memory_max_mib", "The cap on the VMs' total guest memory.", nil, nil)
-	gaugeDescs    = []*prometheus.Desc{descTasks, descQueued, descVMs, descVMMem, descVMsMax, descVMMemMax}
+	descBlocks    = prometheus.NewDesc("kiln_blocks", "The provider's blocks (pilot jobs) by state: the active states count the blocks now, the final states every block that ended since the endpoint started.", []string{"state"}, nil)
+	descWorkers   = prometheus.NewDesc("kiln_workers", "Registered workers by state.", []string{"state"}, nil)
+	gaugeDescs    = []*prometheus.Desc{descTasks, descQueued, descVMs, descVMMem, descVMsMax, descVMMemMax, descBlocks, descWorkers}
 	scrapeTimeout = 30 * time.Second
 )
 
@@ -175,4 +180,12 @@ func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descVMMem, g.vmMemMiB)
 	gauge(descVMsMax, g.maxVMs)
 	gauge(descVMMemMax, g.maxMemMiB)
+	if g.blocks != nil {
+		for _, st := range slurm.States {
+			gauge(descBlocks, g.blocks[string(st)], string(st))
+		}
+	}
+	for _, st := range []string{apitype.WorkerActive, apitype.WorkerDraining, apitype.WorkerLost, apitype.WorkerGone} {
+		gauge(descWorkers, g.workers[st], st)
+	}
 }

@@ -82,6 +82,9 @@ type scheduler struct {
 	queued   int
 	running  map[string]*running
 	draining bool
+	// remote, when set, is called instead of dispatching to local VMs
+	// while tasks are queued: a provider's workers lease them (lease).
+	remote   func()
 	wake     chan struct{}
 	loopDone chan struct{}
 	wg       sync.WaitGroup // task and VM-start goroutines
@@ -261,6 +264,12 @@ func (s *scheduler) dispatch() {
 	if s.cfg.Paused || s.draining || s.ctx.Err() != nil {
 		return
 	}
+	if s.remote != nil {
+		if len(s.ring) > 0 {
+			s.remote()
+		}
+		return
+	}
 	// Assign: one task per function per turn of the ring.
 	for progress := true; progress && len(s.ring) > 0; {
 		progress = false
@@ -311,6 +320,22 @@ func (s *scheduler) dispatch() {
 			go s.startVM(p)
 		}
 	}
+}
+
+// lease pops up to n queued tasks for a worker, round robin across
+// functions. They stay queued in the store.
+func (s *scheduler) lease(n int) []*remoteLease {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cfg.Paused || s.draining || s.ctx.Err() != nil {
+		return nil
+	}
+	var out []*remoteLease
+	for len(out) < n && len(s.ring) > 0 {
+		fn, it := s.popLocked(s.next % len(s.ring))
+		out = append(out, &remoteLease{fn: fn, it: it})
+	}
+	return out
 }
 
 // evictIdleLocked closes the least recently used idle VM of another pool

@@ -73,7 +73,8 @@ type TaskRecord struct {
 	Error       string
 	ErrorCode   string
 	TaskGroup   string
-	EventSeq    int64 // the last state change's sequence number
+	EventSeq    int64  // the last state change's sequence number
+	Worker      string // where it ran, when a provider's worker ran it
 }
 
 // Store keeps functions, tasks and results in SQLite (WAL mode).
@@ -124,6 +125,8 @@ var columns = []struct{ name, decl string }{
 	// event_seq orders state changes (running, finished, requeued): a
 	// group's waiters read what changed after the last one they saw.
 	{"event_seq", "INTEGER NOT NULL DEFAULT 0"},
+	// worker names where a task ran when a provider's worker ran it.
+	{"worker", "TEXT NOT NULL DEFAULT ''"},
 }
 
 // migrate adds the columns an older store lacks, and their indexes.
@@ -233,6 +236,7 @@ type Step struct {
 	C       Completion // its outcome
 	Requeue bool       // queue Done again (a retry) instead of completing it
 	Next    string     // the queued task that starts ("" for none)
+	Worker  string     // where Next runs, when a provider's worker runs it
 	Now     time.Time
 	TTL     time.Duration
 	// Then, when set, is called with what was written, on the writer's
@@ -323,7 +327,7 @@ func (s *Store) writeSteps(batch []Step) []StepResult {
 			r.Completed, r.Err = changed(complete.Exec(c.State, nullJSON(c.Result), c.Error, c.ErrorCode, st.Now.UnixNano(), expiry(st.Now, st.TTL), st.Done))
 		}
 		if st.Next != "" && r.Err == nil {
-			r.Started, r.Err = changed(start.Exec(st.Now.UnixNano(), st.Next))
+			r.Started, r.Err = changed(start.Exec(st.Now.UnixNano(), st.Worker, st.Next))
 		}
 	}
 	if err := tx.Commit(); err != nil {
@@ -430,7 +434,7 @@ func nullJSON(b json.RawMessage) any {
 	return string(b)
 }
 
-const taskCols = `seq, id, function_id, state, args, kwargs, attempts, completions, created_ns, started_ns, finished_ns, result, error, error_code, task_group, event_seq`
+const taskCols = `seq, id, function_id, state, args, kwargs, attempts, completions, created_ns, started_ns, finished_ns, result, error, error_code, task_group, event_seq, worker`
 
 type scanner interface{ Scan(...any) error }
 
@@ -438,7 +442,7 @@ func scanTask(r scanner) (*TaskRecord, error) {
 	var t TaskRecord
 	var args, kwargs, result sql.NullString
 	var created, started, finished int64
-	if err := r.Scan(&t.Seq, &t.ID, &t.FunctionID, &t.State, &args, &kwargs, &t.Attempts, &t.Completions, &created, &started, &finished, &result, &t.Error, &t.ErrorCode, &t.TaskGroup, &t.EventSeq); err != nil {
+	if err := r.Scan(&t.Seq, &t.ID, &t.FunctionID, &t.State, &args, &kwargs, &t.Attempts, &t.Completions, &created, &started, &finished, &result, &t.Error, &t.ErrorCode, &t.TaskGroup, &t.EventSeq, &t.Worker); err != nil {
 		return nil, err
 	}
 	if args.Valid {
@@ -546,7 +550,7 @@ func (s *Store) Counts(ctx context.Context) (map[string]int, error) {
 
 // The guarded state changes of a task starting and finishing.
 const (
-	markRunningSQL = `UPDATE tasks SET state = 'running', attempts = attempts + 1, started_ns = ?, event_seq = ` + nextEvent + ` WHERE id = ? AND state = 'queued'`
+	markRunningSQL = `UPDATE tasks SET state = 'running', attempts = attempts + 1, started_ns = ?, worker = ?, event_seq = ` + nextEvent + ` WHERE id = ? AND state = 'queued'`
 	completeSQL    = `UPDATE tasks SET state = ?, result = ?, error = ?, error_code = ?, finished_ns = ?, expires_ns = ?, completions = completions + 1, event_seq = ` + nextEvent + `
 		WHERE id = ? AND state = 'running'`
 	requeueSQL = `UPDATE tasks SET state = 'queued', started_ns = 0, event_seq = ` + nextEvent + ` WHERE id = ? AND state = 'running'`
@@ -555,7 +559,7 @@ const (
 // MarkRunning moves a queued task to running and counts the attempt. It
 // reports false when the task was not queued (cancelled meanwhile).
 func (s *Store) MarkRunning(ctx context.Context, id string, now time.Time) (bool, error) {
-	r, err := s.markRunning.ExecContext(ctx, now.UnixNano(), id)
+	r, err := s.markRunning.ExecContext(ctx, now.UnixNano(), "", id)
 	if err != nil {
 		return false, fmt.Errorf("starting task: %w", err)
 	}

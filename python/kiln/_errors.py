@@ -21,6 +21,7 @@ ERROR_CODES = {
     "endpoint_restarted": "the endpoint stopped while the task ran",
     "image_changed": "the image file changed after the function was registered",
     "internal": "the endpoint failed (its log says why)",
+    "worker_lost": "the worker running the task stopped answering (its node or pilot job ended) and no retry was left",
 }
 
 

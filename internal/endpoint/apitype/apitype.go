@@ -59,11 +59,12 @@ const (
 	CodeEndpointRestarted = "endpoint_restarted" // the endpoint stopped while the task ran
 	CodeImageChanged      = "image_changed"      // the image file changed since registration
 	CodeInternal          = ErrCodeInternal      // the endpoint failed (its log says why)
+	CodeWorkerLost        = "worker_lost"        // the worker running it stopped answering, and no retry was left
 )
 
 // ErrorCodes lists every TaskView.ErrorCode: the task failure kinds, then
 // the endpoint's own codes.
-var ErrorCodes = append(append([]string(nil), task.ErrorKinds...), CodeCancelled, CodeEndpointRestarted, CodeImageChanged, CodeInternal)
+var ErrorCodes = append(append([]string(nil), task.ErrorKinds...), CodeCancelled, CodeEndpointRestarted, CodeImageChanged, CodeInternal, CodeWorkerLost)
 
 // Duration is a JSON duration: a Go duration string ("30s", "1m30s") or a
 // number of seconds.
@@ -222,6 +223,10 @@ type TaskView struct {
 	Result     json.RawMessage `json:"result,omitempty"` // the agent's result: ok, value, error, stdout, stderr, timings
 	Error      string          `json:"error,omitempty"`
 	ErrorCode  string          `json:"error_code,omitempty"`
+	// Worker says where the task ran (or runs) when a worker of a
+	// provider ran it: "node (Slurm job 123, block b1)". Empty: the
+	// endpoint's own VMs.
+	Worker string `json:"worker,omitempty"`
 }
 
 // ImageInfo describes an image file the endpoint can run.
@@ -247,4 +252,149 @@ type ImageList struct {
 type Health struct {
 	Status string `json:"status"` // "ok"
 	API    string `json:"api"`    // Version
+}
+
+// The worker protocol: how a kiln worker on a compute node (started by a
+// provider's pilot job) registers with the endpoint, pulls tasks and hands
+// back their outcomes, with no inbound connection to the node. See the
+// "Workers" section of docs/api.md.
+
+// Worker timing, shared by both sides: a worker sends a request (a poll or a
+// report) at least every WorkerHeartbeat; the endpoint marks a worker lost
+// after WorkerLostAfter without one.
+const (
+	WorkerHeartbeat = 5 * time.Second
+	WorkerLostAfter = 3 * WorkerHeartbeat
+)
+
+// Worker states (WorkerView.State).
+const (
+	WorkerActive   = "active"   // polling for tasks
+	WorkerDraining = "draining" // stopping: finishing its tasks, taking no more
+	WorkerGone     = "gone"     // deregistered
+	WorkerLost     = "lost"     // missed its heartbeats
+)
+
+// WorkerRegister is the body of POST /v1/workers: who the worker is and
+// what it can run.
+type WorkerRegister struct {
+	Node       string `json:"node"`                   // host name of the compute node
+	SlurmJobID string `json:"slurm_job_id,omitempty"` // $SLURM_JOB_ID
+	BlockID    string `json:"block_id,omitempty"`     // $KILN_BLOCK_ID: the provider's block
+	CPUs       int    `json:"cpus"`
+	MemoryMiB  int    `json:"memory_mib"`
+	Accel      string `json:"accel"` // kvm or tcg
+	Slots      int    `json:"slots"` // tasks it runs at once (its VMs)
+	Version    string `json:"version,omitempty"`
+}
+
+// WorkerRegistered answers POST /v1/workers.
+type WorkerRegistered struct {
+	ID          string `json:"id"`
+	HeartbeatMS int64  `json:"heartbeat_ms"` // send a request at least this often
+	LostAfterMS int64  `json:"lost_after_ms"`
+}
+
+// WorkerPoll is the body of POST /v1/workers/{id}/poll, a long poll for
+// tasks that returns when there are some, when the endpoint has something
+// to say (cancel, stop), or after WaitMS. Capacity is the most tasks the
+// worker holds at once: the endpoint hands out tasks while the worker holds
+// fewer (a result reported during the poll frees a place).
+type WorkerPoll struct {
+	Capacity int   `json:"capacity"`
+	WaitMS   int64 `json:"wait_ms"`
+	// Held lists every task the worker was handed and has not reported
+	// finished: a lease it does not hold (an answer lost on the way) is
+	// given back to the queue.
+	Held []string `json:"held,omitempty"`
+	// Draining says the worker is stopping (SIGTERM): it takes no tasks.
+	Draining bool `json:"draining,omitempty"`
+}
+
+// WorkerTask is one task handed to a worker. The task stays queued at the
+// endpoint until the worker reports it started.
+type WorkerTask struct {
+	ID         string          `json:"id"`
+	FunctionID string          `json:"function_id"`
+	Args       json.RawMessage `json:"args,omitempty"`
+	Kwargs     json.RawMessage `json:"kwargs,omitempty"`
+}
+
+// WorkerWork answers a poll. Functions holds the definitions (as the
+// endpoint stores them) of the tasks' functions the worker has not been
+// sent yet.
+type WorkerWork struct {
+	Tasks     []WorkerTask      `json:"tasks,omitempty"`
+	Functions []json.RawMessage `json:"functions,omitempty"`
+	Cancel    []string          `json:"cancel,omitempty"` // stop these tasks: they were cancelled
+	Stop      bool              `json:"stop,omitempty"`   // drain and exit
+}
+
+// WorkerReport is the body of POST /v1/workers/{id}/report: tasks that
+// started, and outcomes of tasks that ended.
+type WorkerReport struct {
+	Started []string       `json:"started,omitempty"`
+	Results []WorkerResult `json:"results,omitempty"`
+}
+
+// WorkerResult is the outcome of one task on a worker.
+type WorkerResult struct {
+	ID        string          `json:"id"`
+	State     string          `json:"state"` // succeeded, failed or cancelled
+	Result    json.RawMessage `json:"result,omitempty"`
+	Error     string          `json:"error,omitempty"`
+	ErrorCode string          `json:"error_code,omitempty"`
+	// Retry asks the endpoint to run the task again under its function's
+	// max_retries (its VM died or could not start).
+	Retry bool `json:"retry,omitempty"`
+}
+
+// WorkerReportAnswer answers a report: the started tasks the worker must
+// stop because they were cancelled (or handed to another worker) meanwhile.
+type WorkerReportAnswer struct {
+	Cancel []string `json:"cancel,omitempty"`
+}
+
+// WorkerRelease is the body of DELETE /v1/workers/{id}: a draining worker
+// hands back the tasks it did not finish; they run again elsewhere.
+type WorkerRelease struct {
+	Release []string `json:"release,omitempty"`
+}
+
+// WorkerView describes a worker in GET /v1/workers.
+type WorkerView struct {
+	ID          string    `json:"id"`
+	Node        string    `json:"node"`
+	SlurmJobID  string    `json:"slurm_job_id,omitempty"`
+	BlockID     string    `json:"block_id,omitempty"`
+	CPUs        int       `json:"cpus"`
+	MemoryMiB   int       `json:"memory_mib"`
+	Accel       string    `json:"accel"`
+	Slots       int       `json:"slots"`
+	State       string    `json:"state"`
+	Running     int       `json:"running"` // tasks it reported started
+	Leased      int       `json:"leased"`  // tasks handed to it, not started yet
+	Done        int       `json:"done"`    // tasks it finished
+	Registered  time.Time `json:"registered_at"`
+	LastSeen    time.Time `json:"last_seen_at"`
+	LostAt      time.Time `json:"lost_at,omitzero"`
+	LostTaskIDs []string  `json:"lost_task_ids,omitempty"`
+	Version     string    `json:"version,omitempty"`
+	BlockState  string    `json:"block_state,omitempty"` // the provider's view of its block
+}
+
+// WorkerList answers GET /v1/workers.
+type WorkerList struct {
+	Workers []WorkerView `json:"workers"`
+	Blocks  []BlockView  `json:"blocks,omitempty"`
+}
+
+// BlockView is one of a provider's blocks (pilot jobs).
+type BlockView struct {
+	ID        string    `json:"id"`
+	JobID     string    `json:"job_id"`
+	State     string    `json:"state"`
+	Nodes     string    `json:"nodes,omitempty"`
+	Reason    string    `json:"reason,omitempty"`
+	Submitted time.Time `json:"submitted_at"`
 }

@@ -22,6 +22,9 @@ const (
 	StateUnknown    State = "unknown"
 )
 
+// States lists every block state.
+var States = []State{StatePending, StateRunning, StateCompleting, StateCompleted, StateFailed, StateCancelled, StateTimeout, StateUnknown}
+
 // Active reports whether the block's job still exists in Slurm: pending,
 // running or completing.
 func (s State) Active() bool {

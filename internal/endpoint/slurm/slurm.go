@@ -175,6 +175,12 @@ func New(cfg Config, opts Options) (*Provider, error) {
 // Script is the path of the rendered pilot script.
 func (p *Provider) Script() string { return p.script }
 
+// OutputFile is where a block's pilot job writes its output (the
+// script's #SBATCH --output); jobID may be a placeholder such as "<job>".
+func (p *Provider) OutputFile(jobID string) string {
+	return filepath.Join(filepath.Dir(p.script), "pilot-"+jobID+".out")
+}
+
 // Config is the validated config, defaults filled in.
 func (p *Provider) Config() Config { return p.cfg }
 
