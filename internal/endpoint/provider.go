@@ -252,6 +252,7 @@ func (s *Server) remoteLoop() {
 		cancel()
 	}()
 	var last time.Time
+	var soon <-chan time.Time // a kicked scale, delayed to keep one a second
 	scaleNow := func(now time.Time) {
 		if s.provider != nil {
 			s.provider.scale(ctx, now)
@@ -270,9 +271,16 @@ func (s *Server) remoteLoop() {
 		case <-s.workers.scaleKick:
 			// Tasks were queued: scale now rather than at the next tick,
 			// at most once a second.
-			if now := time.Now(); now.Sub(last) >= time.Second {
-				scaleNow(now)
+			if wait := time.Second - time.Since(last); wait > 0 {
+				if soon == nil {
+					soon = time.After(wait)
+				}
+			} else {
+				scaleNow(time.Now())
 			}
+		case now := <-soon:
+			soon = nil
+			scaleNow(now)
 		}
 	}
 }

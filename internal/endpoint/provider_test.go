@@ -26,7 +26,7 @@ import (
 
 // slurmServe is a kiln serve process with the Slurm provider.
 type slurmServe struct {
-	t     *testing.T
+	t     testing.TB
 	cmd   *exec.Cmd
 	url   string
 	token string
@@ -38,7 +38,7 @@ type slurmServe struct {
 
 // startSlurmServe starts kiln serve --config serve.toml with a [slurm]
 // table of partition "debug" plus extra lines, and waits until it serves.
-func startSlurmServe(t *testing.T, extra string) *slurmServe {
+func startSlurmServe(t testing.TB, extra string) *slurmServe {
 	t.Helper()
 	testutil.NeedSlurm(t)
 	testutil.NeedQEMU(t)
@@ -149,7 +149,7 @@ func (s *slurmServe) jobIDs() []string {
 }
 
 // squeue returns the ids of the kiln pilot jobs Slurm lists as pending or running.
-func squeuePilots(t *testing.T) []string {
+func squeuePilots(t testing.TB) []string {
 	t.Helper()
 	out, err := exec.Command("squeue", "--noheader", "--name="+"kiln-pilot", "--states=PENDING,RUNNING,CONFIGURING,COMPLETING", "--format=%i").Output()
 	if err != nil {
@@ -393,7 +393,7 @@ func TestSlurmWorkerKilled(t *testing.T) {
 
 // workerPID finds the kiln worker process serving url (not the srun that
 // started it: its executable is kiln's).
-func workerPID(t *testing.T, url string) int {
+func workerPID(t testing.TB, url string) int {
 	t.Helper()
 	bin := testutil.Kiln(t)
 	ents, err := os.ReadDir("/proc")
@@ -443,4 +443,62 @@ func TestSlurmBadPartition(t *testing.T) {
 		// which never submitted.
 		t.Logf("pilots listed by squeue (not this test's): %v", ids)
 	}
+}
+
+// BenchmarkSlurm measures SDK-style tasks through Slurm pilots on this
+// machine's one-node cluster, with 1 and with 2 pilots (one worker slot
+// each), for a no-op and a numpy task: the time from the first submit to
+// the first result (pilot queue wait, worker start, VM restore included)
+// and the throughput after it. Each run is a fresh endpoint with no block:
+// run with -benchtime 1x.
+func BenchmarkSlurm(b *testing.B) {
+	const n = 200
+	sources := []struct{ name, src string }{
+		{"noop", "def f(i):\n    return i\n"},
+		{"numpy", "import numpy as np\n\ndef f(i):\n    return float(np.linalg.norm(np.arange(100) + i))\n"},
+	}
+	for _, pilots := range []int{1, 2} {
+		for _, fn := range sources {
+			b.Run(fmt.Sprintf("pilots=%d/%s", pilots, fn.name), func(b *testing.B) {
+				for b.Loop() {
+					first, rate := slurmRun(b, pilots, fn.src, n)
+					b.ReportMetric(first.Seconds(), "s-to-first-result")
+					b.ReportMetric(rate, "tasks/s")
+				}
+			})
+		}
+	}
+}
+
+// slurmRun submits n tasks of src to a fresh Slurm endpoint with max_blocks
+// = pilots and returns the first result's delay and the rate after it.
+func slurmRun(b *testing.B, pilots int, src string, n int) (time.Duration, float64) {
+	s := startSlurmServe(b, fmt.Sprintf("max_blocks = %d\nmax_idle = 60\n", pilots))
+	defer s.stop()
+	var fv apitype.FunctionView
+	s.c.json("POST", "/v1/functions", map[string]any{"name": "f", "source": src, "function": "f", "image": "numpy"}, 201, &fv)
+	tasks := make([]map[string]any, n)
+	for i := range tasks {
+		tasks[i] = map[string]any{"args": map[string]any{"enc": "json", "data": []int{i}}}
+	}
+	t0 := time.Now()
+	var sub apitype.BatchResponse
+	s.c.json("POST", "/v1/tasks/batch", map[string]any{"function_id": fv.ID, "tasks": tasks}, 202, &sub)
+	var firstDone, lastDone time.Time
+	for _, id := range sub.TaskIDs {
+		var tv apitype.TaskView
+		for !apitype.Finished(tv.State) {
+			s.c.json("GET", "/v1/tasks/"+id+"?wait=60s", nil, 200, &tv)
+		}
+		if tv.State != apitype.StateSucceeded {
+			b.Fatalf("task %s = %s (%s)", id, tv.State, tv.Error)
+		}
+		if firstDone.IsZero() || tv.FinishedAt.Before(firstDone) {
+			firstDone = *tv.FinishedAt
+		}
+		if tv.FinishedAt.After(lastDone) {
+			lastDone = *tv.FinishedAt
+		}
+	}
+	return firstDone.Sub(t0), float64(n-1) / lastDone.Sub(firstDone).Seconds()
 }

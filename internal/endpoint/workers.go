@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"sort"
@@ -112,9 +113,9 @@ func workerLabel(r *apitype.WorkerRegister) string {
 }
 
 // DecodeWorkerRegister reads and checks a worker's registration.
-func DecodeWorkerRegister(r *http.Request) (*apitype.WorkerRegister, error) {
+func DecodeWorkerRegister(r io.Reader) (*apitype.WorkerRegister, error) {
 	var req apitype.WorkerRegister
-	if err := decodeStrict(r.Body, &req); err != nil {
+	if err := decodeStrict(r, &req); err != nil {
 		return nil, badRequest(err)
 	}
 	switch {
@@ -129,7 +130,7 @@ func DecodeWorkerRegister(r *http.Request) (*apitype.WorkerRegister, error) {
 }
 
 func (s *Server) registerWorker(w http.ResponseWriter, r *http.Request) error {
-	req, err := DecodeWorkerRegister(r)
+	req, err := DecodeWorkerRegister(r.Body)
 	if err != nil {
 		return err
 	}
@@ -171,9 +172,9 @@ func (ws *workers) worker(id string) (*remoteWorker, error) {
 }
 
 // DecodeWorkerPoll reads a poll request.
-func DecodeWorkerPoll(r *http.Request) (*apitype.WorkerPoll, error) {
+func DecodeWorkerPoll(r io.Reader) (*apitype.WorkerPoll, error) {
 	var req apitype.WorkerPoll
-	if err := decodeStrict(r.Body, &req); err != nil {
+	if err := decodeStrict(r, &req); err != nil {
 		return nil, badRequest(err)
 	}
 	if req.Capacity < 0 || req.WaitMS < 0 {
@@ -187,7 +188,7 @@ func DecodeWorkerPoll(r *http.Request) (*apitype.WorkerPoll, error) {
 
 // pollWorker long-polls for tasks, cancels and stop requests.
 func (s *Server) pollWorker(w http.ResponseWriter, r *http.Request) error {
-	req, err := DecodeWorkerPoll(r)
+	req, err := DecodeWorkerPoll(r.Body)
 	if err != nil {
 		return err
 	}
@@ -301,10 +302,13 @@ func (s *Server) giveBack(ls []*remoteLease) {
 }
 
 // DecodeWorkerReport reads a report.
-func DecodeWorkerReport(r *http.Request) (*apitype.WorkerReport, error) {
+func DecodeWorkerReport(r io.Reader) (*apitype.WorkerReport, error) {
 	var req apitype.WorkerReport
-	if err := decodeStrict(r.Body, &req); err != nil {
+	if err := decodeStrict(r, &req); err != nil {
 		return nil, badRequest(err)
+	}
+	if slices.Contains(req.Started, "") {
+		return nil, errorf(http.StatusBadRequest, apitype.ErrCodeBadRequest, "started: empty task id")
 	}
 	for _, res := range req.Results {
 		if res.ID == "" || !apitype.Finished(res.State) {
@@ -316,7 +320,7 @@ func DecodeWorkerReport(r *http.Request) (*apitype.WorkerReport, error) {
 
 // reportWorker records tasks that started on a worker and outcomes.
 func (s *Server) reportWorker(w http.ResponseWriter, r *http.Request) error {
-	req, err := DecodeWorkerReport(r)
+	req, err := DecodeWorkerReport(r.Body)
 	if err != nil {
 		return err
 	}
