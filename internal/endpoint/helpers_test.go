@@ -1,6 +1,7 @@
 package endpoint
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -109,6 +110,29 @@ func startEndpointProcess(t *testing.T, hc helperConfig) *endpointProcess {
 func (p *endpointProcess) kill() {
 	p.cmd.Process.Signal(syscall.SIGKILL)
 	<-p.done
+}
+
+// startClientScript runs testdata/script with the repository's SDK on its
+// path, stderr to the test's, and returns it with a scanner of its stdout
+// lines; the test's cleanup kills it if it still runs.
+func startClientScript(t *testing.T, script string, args ...string) (*exec.Cmd, *bufio.Scanner) {
+	t.Helper()
+	root := testutil.RepoRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	t.Cleanup(cancel)
+	cmd := exec.CommandContext(ctx, "/usr/bin/python3", append([]string{filepath.Join(root, "internal/endpoint/testdata", script)}, args...)...)
+	cmd.Env = append(os.Environ(), "PYTHONPATH="+filepath.Join(root, "python"), "PYTHONDONTWRITEBYTECODE=1")
+	cmd.Stderr = os.Stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(stdout)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	return cmd, sc
 }
 
 // client talks to an endpoint over real HTTP.

@@ -202,21 +202,7 @@ func (s *slurmServe) waitTask(id string, within time.Duration) apitype.TaskView 
 // after max_idle.
 func TestSlurm(t *testing.T) {
 	s := startSlurmServe(t, "max_blocks = 2\nmax_idle = 3\n")
-	root := testutil.RepoRoot(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "/usr/bin/python3", filepath.Join(root, "internal/endpoint/testdata/slurm_client.py"), s.url, s.token, "numpy")
-	cmd.Env = append(os.Environ(), "PYTHONPATH="+filepath.Join(root, "python"), "PYTHONDONTWRITEBYTECODE=1")
-	cmd.Stderr = os.Stderr
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	sc := bufio.NewScanner(stdout)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	cmd, sc := startClientScript(t, "slurm_client.py", s.url, s.token, "numpy")
 	if !sc.Scan() || sc.Text() != "submitted" {
 		cmd.Wait()
 		t.Fatalf("client's first line = %q, want submitted", sc.Text())
@@ -296,6 +282,25 @@ func TestSlurm(t *testing.T) {
 
 const sleeperSource = "import time\n\ndef nap(s):\n    time.sleep(s)\n    return s\n"
 
+// submitNaps queues n short naps of function nap.
+func (s *slurmServe) submitNaps(nap string, n int) []string {
+	var ids []string
+	for i := range n {
+		ids = append(ids, s.submit(nap, fmt.Sprintf("[0.0%d]", i)))
+	}
+	return ids
+}
+
+// allSucceed waits for the tasks and checks that each succeeded.
+func (s *slurmServe) allSucceed(ids []string) {
+	s.t.Helper()
+	for _, id := range ids {
+		if tv := s.waitTask(id, 5*time.Minute); tv.State != apitype.StateSucceeded {
+			s.t.Errorf("task %s = %s (%s), want succeeded", id, tv.State, tv.Error)
+		}
+	}
+}
+
 // runningOn waits for task id to run on a worker and returns its Slurm job id.
 func (s *slurmServe) runningOn(id string) (job string, tv apitype.TaskView) {
 	s.t.Helper()
@@ -322,10 +327,7 @@ func TestSlurmScancel(t *testing.T) {
 	nap := s.register(sleeperSource, "nap", 120, 1)
 	long := s.submit(nap, "[20]")
 	job, _ := s.runningOn(long)
-	var quick []string
-	for i := range 10 {
-		quick = append(quick, s.submit(nap, fmt.Sprintf("[0.0%d]", i)))
-	}
+	quick := s.submitNaps(nap, 10)
 	if out, err := exec.Command("scancel", job).CombinedOutput(); err != nil {
 		t.Fatalf("scancel %s: %v %s", job, err, out)
 	}
@@ -334,11 +336,7 @@ func TestSlurmScancel(t *testing.T) {
 		t.Errorf("the task whose pilot was cancelled = %s after %d attempts on %q, want succeeded after 2 attempts on another job than %s (%s)",
 			tv.State, tv.Attempts, tv.Worker, job, tv.Error)
 	}
-	for _, id := range quick {
-		if tv := s.waitTask(id, 5*time.Minute); tv.State != apitype.StateSucceeded {
-			t.Errorf("quick task %s = %s (%s), want succeeded", id, tv.State, tv.Error)
-		}
-	}
+	s.allSucceed(quick)
 	b, _ := os.ReadFile(filepath.Join(s.state, "slurm", "pilot-"+job+".out"))
 	if !strings.Contains(string(b), "worker draining") {
 		t.Errorf("the cancelled pilot's output does not show the worker draining:\n%s", b)
@@ -355,10 +353,7 @@ func TestSlurmWorkerKilled(t *testing.T) {
 	nap := s.register(sleeperSource, "nap", 120, 0)
 	long := s.submit(nap, "[60]")
 	job, _ := s.runningOn(long)
-	var quick []string
-	for i := range 5 {
-		quick = append(quick, s.submit(nap, fmt.Sprintf("[0.0%d]", i)))
-	}
+	quick := s.submitNaps(nap, 5)
 	pid := workerPID(t, s.url)
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -375,11 +370,7 @@ func TestSlurmWorkerKilled(t *testing.T) {
 	if limit := apitype.WorkerLostAfter + apitype.WorkerLostAfter/10 + 5*time.Second; took > limit {
 		t.Errorf("the lost worker's task failed %s after the kill, want within %s (WorkerLostAfter %s)", took, limit, apitype.WorkerLostAfter)
 	}
-	for _, id := range quick {
-		if tv := s.waitTask(id, 5*time.Minute); tv.State != apitype.StateSucceeded {
-			t.Errorf("queued task %s = %s (%s), want succeeded on a new block", id, tv.State, tv.Error)
-		}
-	}
+	s.allSucceed(quick)
 	lost := 0
 	for _, w := range s.workers().Workers {
 		if w.State == apitype.WorkerLost {

@@ -1,7 +1,6 @@
 package endpoint
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -531,21 +530,7 @@ func TestExecutorRestart(t *testing.T) {
 	// client runs the script; kill is called once it has submitted.
 	client := func(phase string, kill func()) outcome {
 		t.Helper()
-		root := testutil.RepoRoot(t)
-		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "/usr/bin/python3", filepath.Join(root, "internal/endpoint/testdata/restart_client.py"), url, token, "numpy", phase)
-		cmd.Env = append(os.Environ(), "PYTHONPATH="+filepath.Join(root, "python"), "PYTHONDONTWRITEBYTECODE=1")
-		cmd.Stderr = os.Stderr
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		sc := bufio.NewScanner(stdout)
-		sc.Buffer(nil, 1<<20)
+		cmd, sc := startClientScript(t, "restart_client.py", url, token, "numpy", phase)
 		var last string
 		for sc.Scan() {
 			if sc.Text() == "submitted" {

@@ -171,6 +171,17 @@ func (ws *workers) worker(id string) (*remoteWorker, error) {
 	return rw, nil
 }
 
+// lockWorker locks ws and finds worker id (see worker); on error ws is
+// not locked.
+func (ws *workers) lockWorker(id string) (*remoteWorker, error) {
+	ws.mu.Lock()
+	rw, err := ws.worker(id)
+	if err != nil {
+		ws.mu.Unlock()
+	}
+	return rw, err
+}
+
 // DecodeWorkerPoll reads a poll request.
 func DecodeWorkerPoll(r io.Reader) (*apitype.WorkerPoll, error) {
 	var req apitype.WorkerPoll
@@ -193,10 +204,8 @@ func (s *Server) pollWorker(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	ws := s.workers
-	ws.mu.Lock()
-	rw, err := ws.worker(r.PathValue("id"))
+	rw, err := ws.lockWorker(r.PathValue("id"))
 	if err != nil {
-		ws.mu.Unlock()
 		return err
 	}
 	if req.Draining && rw.view.State == apitype.WorkerActive {
@@ -325,10 +334,8 @@ func (s *Server) reportWorker(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	ws := s.workers
-	ws.mu.Lock()
-	rw, err := ws.worker(r.PathValue("id"))
+	rw, err := ws.lockWorker(r.PathValue("id"))
 	if err != nil {
-		ws.mu.Unlock()
 		return err
 	}
 	var ans apitype.WorkerReportAnswer
@@ -403,10 +410,8 @@ func (s *Server) deregisterWorker(w http.ResponseWriter, r *http.Request) error 
 		return badRequest(err)
 	}
 	ws := s.workers
-	ws.mu.Lock()
-	rw, err := ws.worker(r.PathValue("id"))
+	rw, err := ws.lockWorker(r.PathValue("id"))
 	if err != nil {
-		ws.mu.Unlock()
 		return err
 	}
 	rw.view.State = apitype.WorkerGone
