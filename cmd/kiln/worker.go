@@ -110,6 +110,7 @@ worker lost when it has not heard from it for 15 s (three 5 s heartbeats).`,
 	f.StringVar(&images, "images", "", "directory of image files, instead of the paths the endpoint registered")
 	f.StringVar(&cacheDir, "cache", "", "node-local directory for snapshots and the worker's state (default $KILN_CACHE, else ~/.cache/kiln)")
 	f.IntVar(&slots, "slots", 0, "tasks run at once, one VM each (default: the CPUs Slurm gave this task, else the node's)")
+	f.DurationVar(&c.EndpointTimeout, "endpoint-timeout", endpoint.DefaultEndpointTimeout, "give up (exit 1) when the endpoint has not answered for this long")
 	f.StringVar(&memory, "memory", "", "cap on the VMs' total memory, e.g. 48G (default: 3/4 of Slurm's --mem on this node, else of the host's RAM)")
 	grace := endpoint.DefaultDrainGrace
 	if d, err := time.ParseDuration(os.Getenv(envDrainGrace)); err == nil && d > 0 {

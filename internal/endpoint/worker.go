@@ -9,7 +9,10 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/kiln-dev/kiln/internal/endpoint/apitype"
@@ -48,13 +51,21 @@ type WorkerConfig struct {
 	DrainGrace time.Duration
 	VM         vm.Config
 	Log        *slog.Logger
+	// EndpointTimeout is how long the worker keeps trying an endpoint that
+	// does not answer before it gives up and exits with an error;
+	// 0: DefaultEndpointTimeout.
+	EndpointTimeout time.Duration
 	// Registered, when set, is called once the endpoint accepted the
 	// worker, with its id.
 	Registered func(id string)
 }
 
-// DefaultDrainGrace fits in Slurm's default KillWait of 30 s.
-const DefaultDrainGrace = 20 * time.Second
+// Worker defaults. DefaultDrainGrace fits in Slurm's default KillWait of
+// 30 s; DefaultEndpointTimeout outlasts an endpoint's restart.
+const (
+	DefaultDrainGrace      = 20 * time.Second
+	DefaultEndpointTimeout = 2 * time.Minute
+)
 
 // errWorkerLost is returned when the endpoint no longer knows the worker.
 var errWorkerLost = errors.New("the endpoint no longer knows this worker")
@@ -94,17 +105,24 @@ func RunWorker(ctx context.Context, cfg WorkerConfig) (err error) {
 	if cfg.DrainGrace <= 0 {
 		cfg.DrainGrace = DefaultDrainGrace
 	}
+	if cfg.EndpointTimeout <= 0 {
+		cfg.EndpointTimeout = DefaultEndpointTimeout
+	}
 	if cfg.StateDir == "" {
 		return errors.New("worker: no state directory")
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("creating the worker's state directory: %w", err)
 	}
+	removeStaleWorkerDirs(cfg.StateDir, cfg.Log)
 	dir, err := os.MkdirTemp(cfg.StateDir, "worker-")
 	if err != nil {
 		return fmt.Errorf("creating the worker's state directory: %w", err)
 	}
 	defer os.RemoveAll(dir)
+	if err := os.WriteFile(filepath.Join(dir, workerPIDFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
+		return fmt.Errorf("creating the worker's state directory: %w", err)
+	}
 	c, err := NewClient(cfg.Endpoint, cfg.Token, dir)
 	if err != nil {
 		return err
@@ -147,7 +165,7 @@ func RunWorker(ctx context.Context, cfg WorkerConfig) (err error) {
 
 	// Work until told to stop.
 	stopped, err := b.pollLoop(ctx, 2*slots, nil)
-	if errors.Is(err, errWorkerLost) {
+	if err != nil {
 		return err
 	}
 	why := "SIGTERM"
@@ -159,8 +177,7 @@ func RunWorker(ctx context.Context, cfg WorkerConfig) (err error) {
 	// tasks are done and reported, or the grace ends.
 	dctx, cancel := context.WithTimeout(context.Background(), cfg.DrainGrace)
 	defer cancel()
-	_, err = b.pollLoop(dctx, 0, func() bool { return b.heldCount() == 0 })
-	if errors.Is(err, errWorkerLost) {
+	if _, err := b.pollLoop(dctx, 0, func() bool { return b.heldCount() == 0 }); err != nil {
 		return err
 	}
 	stopReporter()
@@ -178,13 +195,14 @@ func RunWorker(ctx context.Context, cfg WorkerConfig) (err error) {
 // register registers, retrying for a while when the endpoint cannot be
 // reached (it may be starting or restarting).
 func (b *bridge) register(ctx context.Context, reg *apitype.WorkerRegister) error {
-	deadline := time.Now().Add(2 * time.Minute)
+	deadline := time.Now().Add(b.cfg.EndpointTimeout)
 	delay := 200 * time.Millisecond
 	for {
 		var ans apitype.WorkerRegistered
 		err := b.c.Do(ctx, http.MethodPost, "/v1/workers", reg, &ans)
 		if err == nil {
 			b.id = ans.ID
+			b.lastReply = time.Now()
 			b.beat = time.Duration(ans.HeartbeatMS) * time.Millisecond
 			if b.beat <= 0 {
 				b.beat = apitype.WorkerHeartbeat
@@ -237,6 +255,13 @@ func (b *bridge) pollLoop(ctx context.Context, want int, done func() bool) (stop
 			var ae *APIError
 			if errors.As(err, &ae) && (ae.Status == http.StatusNotFound || ae.Status == http.StatusGone) {
 				return false, fmt.Errorf("%w: %v", errWorkerLost, err)
+			}
+			b.mu.Lock()
+			silent := time.Since(b.lastReply)
+			b.mu.Unlock()
+			if silent > b.cfg.EndpointTimeout {
+				return false, fmt.Errorf("the endpoint %s has not answered for %s (last error: %v): stopping, so that this pilot job does not hold its node for nothing",
+					b.cfg.Endpoint, silent.Round(time.Second), err)
 			}
 			b.log.Warn("polling the endpoint", "error", err)
 			select {
@@ -478,4 +503,28 @@ func withID(raw json.RawMessage, id string) json.RawMessage {
 		return raw
 	}
 	return b
+}
+
+// workerPIDFile names the process that owns a worker's state directory.
+const workerPIDFile = "pid"
+
+// removeStaleWorkerDirs removes the state directories of workers on this
+// node whose process is gone (killed before it could clean up).
+func removeStaleWorkerDirs(parent string, log *slog.Logger) {
+	dirs, _ := filepath.Glob(filepath.Join(parent, "worker-*"))
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join(d, workerPIDFile))
+		if err != nil {
+			continue // being created, or not ours
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || pid <= 0 {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); err == nil || errors.Is(err, syscall.EPERM) {
+			continue // still running
+		}
+		log.Info("removing a dead worker's state", "dir", d)
+		os.RemoveAll(d)
+	}
 }

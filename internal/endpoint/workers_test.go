@@ -2,8 +2,15 @@ package endpoint
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"log/slog"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -262,4 +269,94 @@ func TestWithID(t *testing.T) {
 			t.Errorf("withID(%s) = %s, want %s", tc.in, got, tc.want)
 		}
 	}
+}
+
+// runWorker runs RunWorker against url in the background; the returned
+// channel yields its error. It waits for the registration unless
+// registered is false.
+func runWorker(t *testing.T, ctx context.Context, cfg WorkerConfig, registered bool) <-chan error {
+	t.Helper()
+	reg := make(chan string, 1)
+	cfg.Registered = func(id string) { reg <- id }
+	if cfg.StateDir == "" {
+		cfg.StateDir = t.TempDir()
+	}
+	cfg.Node, cfg.Slots = "node-test", 1
+	errc := make(chan error, 1)
+	go func() { errc <- RunWorker(ctx, cfg) }()
+	if registered {
+		select {
+		case <-reg:
+		case err := <-errc:
+			t.Fatalf("RunWorker() = %v before registering", err)
+		case <-time.After(time.Minute):
+			t.Fatal("the worker did not register within a minute")
+		}
+	}
+	return errc
+}
+
+// TestWorkerLifecycle runs the real worker (no task, so no VM): it
+// registers, drains and deregisters when its context ends, gives up on an
+// endpoint that went away, and removes a dead worker's state directory.
+func TestWorkerLifecycle(t *testing.T) {
+	t.Run("drain on cancel", func(t *testing.T) {
+		ts := startServer(t, Config{Provider: ProviderWorkers})
+		ctx, cancel := context.WithCancel(context.Background())
+		errc := runWorker(t, ctx, WorkerConfig{Endpoint: ts.url, Token: ts.Token()}, true)
+		cancel()
+		if err := <-errc; err != nil {
+			t.Fatalf("RunWorker() after cancel = %v, want nil (drained)", err)
+		}
+		var list apitype.WorkerList
+		ts.c.json("GET", "/v1/workers", nil, 200, &list)
+		if len(list.Workers) != 1 || list.Workers[0].State != apitype.WorkerGone {
+			t.Errorf("workers after the drain = %+v, want one gone", list.Workers)
+		}
+	})
+	t.Run("endpoint gone", func(t *testing.T) {
+		s, err := New(Config{StateDir: t.TempDir(), Provider: ProviderWorkers})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		hs := httptest.NewServer(s.Handler())
+		errc := runWorker(t, context.Background(), WorkerConfig{Endpoint: hs.URL, Token: s.Token(), EndpointTimeout: time.Second}, true)
+		hs.CloseClientConnections()
+		hs.Close()
+		select {
+		case err := <-errc:
+			if err == nil || !strings.Contains(err.Error(), "has not answered for") {
+				t.Errorf("RunWorker() with its endpoint gone = %v, want an error saying it has not answered", err)
+			}
+		case <-time.After(time.Minute):
+			t.Fatal("the worker kept running for a minute after its endpoint went away (EndpointTimeout 1 s)")
+		}
+	})
+	t.Run("unreachable at start", func(t *testing.T) {
+		errc := runWorker(t, context.Background(), WorkerConfig{Endpoint: "http://127.0.0.1:1", EndpointTimeout: 500 * time.Millisecond}, false)
+		if err := <-errc; err == nil || !strings.Contains(err.Error(), "registering with the endpoint http://127.0.0.1:1") {
+			t.Errorf("RunWorker() with no endpoint = %v, want a registration error naming it", err)
+		}
+	})
+	t.Run("stale state removed", func(t *testing.T) {
+		parent := t.TempDir()
+		dead := exec.Command("true")
+		if err := dead.Run(); err != nil {
+			t.Fatal(err)
+		}
+		stale := filepath.Join(parent, "worker-stale")
+		os.MkdirAll(stale, 0o700)
+		os.WriteFile(filepath.Join(stale, workerPIDFile), []byte(strconv.Itoa(dead.Process.Pid)), 0o600)
+		live := filepath.Join(parent, "worker-live")
+		os.MkdirAll(live, 0o700)
+		os.WriteFile(filepath.Join(live, workerPIDFile), []byte(strconv.Itoa(os.Getpid())), 0o600)
+		removeStaleWorkerDirs(parent, slog.New(slog.DiscardHandler))
+		if _, err := os.Stat(stale); !os.IsNotExist(err) {
+			t.Errorf("a dead worker's state directory is still there (stat: %v)", err)
+		}
+		if _, err := os.Stat(live); err != nil {
+			t.Errorf("a live worker's state directory was removed: %v", err)
+		}
+	})
 }
