@@ -14,6 +14,7 @@ import (
 
 func newInvokeCmd(a *app) *cobra.Command {
 	var vf vmFlags
+	var vols volumeFlags
 	var tf taskFlags
 	var timeout time.Duration
 	var repeat, maxResult, maxOutput int
@@ -31,12 +32,14 @@ subprocesses) is captured in the result, up to --max-output each.
 
 The VM is restored from a snapshot of the image taken after boot and after
 importing the spec's preload modules (created on first use); --cold boots
-a kernel instead.`,
+a kernel instead. --volume HOST:GUEST[:ro|:rw] shares a host directory
+with the function, read-only unless :rw.`,
 		Example: `  kiln invoke numpy.kimg --function math:factorial --args '[20]'
   kiln invoke numpy.kimg --file handler.py --function work --args '[1000]' --kwargs '{"seed": 1}'
   kiln invoke numpy.kimg --file handler.py --function work --repeat 100
   kiln invoke numpy.kimg --file loop.py --function spin --timeout 5s
-  kiln invoke numpy.kimg --file train.py --function train --stream`,
+  kiln invoke numpy.kimg --file train.py --function train --stream
+  kiln invoke numpy.kimg --volume ./data:/data --file stats.py --function mean --args '["/data/x.csv"]'`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, argv []string) error {
 			t, err := tf.task()
@@ -47,6 +50,7 @@ a kernel instead.`,
 			if err != nil {
 				return err
 			}
+			o.Volumes = vols
 			img, err := image.OpenVerified(argv[0])
 			if err != nil {
 				return err
@@ -107,6 +111,7 @@ a kernel instead.`,
 		},
 	}
 	vf.add(cmd)
+	vols.add(cmd)
 	f := cmd.Flags()
 	tf.add(cmd)
 	f.DurationVar(&timeout, "timeout", sandbox.DefaultTimeout, "per-call limit; the VM is killed and replaced when it passes")

@@ -46,6 +46,7 @@ func (v *vmFlags) options(a *app) (vm.Config, error) {
 
 func newRunCmd(a *app) *cobra.Command {
 	var vf vmFlags
+	var vols volumeFlags
 	var timeout time.Duration
 	var timings, asJSON, cold, interactive bool
 	cmd := &cobra.Command{
@@ -63,11 +64,16 @@ and errors.
 By default the VM is restored from a snapshot of the image booted with its
 preload modules imported (created on first use, see kiln snapshot), and
 python3 -c/-m/script commands run in a fork of kiln's agent, so those
-modules are already imported. --cold boots the kernel instead.`,
+modules are already imported. --cold boots the kernel instead.
+
+--volume HOST:GUEST shares a host directory (read-only; :rw to write,
+files then belong to the user running kiln) at GUEST, in both modes.`,
 		Example: `  kiln run numpy.kimg -- python3 -c "import numpy; print(numpy.arange(10).sum())"
   kiln run numpy.kimg --timings --memory 1G -- python3 -m app
   printf 'a\nb\n' | kiln run numpy.kimg -- python3 -c "import sys; print(len(sys.stdin.read().split()))"
   kiln run -i numpy.kimg -- python3 -c "print(input('name? '))"
+  kiln run numpy.kimg --volume ./data:/data -- python3 -c "print(open('/data/x.csv').read())"
+  kiln run numpy.kimg --volume ./in:/in --volume ./out:/out:rw -- python3 -m app
   kiln run numpy.kimg --timeout 30s
   kiln run numpy.kimg --cold --timings -- python3 -c "import numpy"`,
 		Args: cobra.MinimumNArgs(1),
@@ -76,6 +82,7 @@ modules are already imported. --cold boots the kernel instead.`,
 			if err != nil {
 				return err
 			}
+			o.Volumes = vols
 			img, err := image.OpenVerified(args[0])
 			if err != nil {
 				return err
@@ -94,6 +101,9 @@ modules are already imported. --cold boots the kernel instead.`,
 				defer cancel()
 			}
 			o.Image = img
+			if err := o.Validate(); err != nil {
+				return err
+			}
 			stdio := vm.Stdio{Stdin: a.commandStdin(interactive), Stdout: a.stdout, Stderr: a.stderr}
 			var exit proto.ExitMsg
 			if cold {
@@ -123,6 +133,7 @@ modules are already imported. --cold boots the kernel instead.`,
 		},
 	}
 	vf.add(cmd)
+	vols.add(cmd)
 	cmd.Flags().DurationVar(&timeout, "timeout", 0, "kill the VM after this long (e.g. 30s; default: no limit)")
 	cmd.Flags().BoolVar(&timings, "timings", false, "print boot phases to stderr: VMM start → kernel → init → rootfs → command started → exited")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the timings as JSON to stderr")

@@ -53,6 +53,9 @@ const (
 // Options configure a Sandbox. The zero value is usable.
 type Options struct {
 	// VM sizes and places the sandbox's VMs; its Image is set by Start.
+	// VM.Volumes (vm.ParseVolume) are mounted in every VM the sandbox
+	// starts, replacements and restores included; the snapshot is taken
+	// with none mounted, so one snapshot serves any volume set.
 	VM          vm.Config
 	Timeout     time.Duration   // per-task wall-clock limit; 0: DefaultTimeout
 	MaxResult   int             // cap on a result's serialized value in bytes; 0: DefaultMaxResult
@@ -236,9 +239,10 @@ func (s *Sandbox) ensureVM(ctx context.Context) error {
 		case err == nil:
 			g.release = release
 			s.Restores.Add(1)
-		case bctx.Err() != nil:
+		case bctx.Err() != nil || errors.Is(err, vm.ErrVolumes):
 			release()
-			// Cancelled or out of time: the snapshot is not to blame.
+			// Cancelled, out of time or volumes that cannot be
+			// mounted: the snapshot is not to blame.
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"syscall"
@@ -20,6 +21,7 @@ import (
 	"github.com/kiln-dev/kiln/internal/snapshot"
 	"github.com/kiln-dev/kiln/internal/testutil"
 	"github.com/kiln-dev/kiln/internal/testutil/testimage"
+	"github.com/kiln-dev/kiln/internal/vm"
 )
 
 func TestMain(m *testing.M) { testutil.Main(m) }
@@ -465,5 +467,67 @@ func TestPreloadFailsSnapshot(t *testing.T) {
 	}
 	if entries, _ := st.List(); len(entries) != 0 {
 		t.Errorf("store holds %d snapshots after the failed creation, want none", len(entries))
+	}
+}
+
+// TestVolumesRestored: VMs restored from one snapshot mount the volumes
+// each sandbox asks for (the snapshot was taken with none mounted, and
+// its key does not depend on them), commands and functions read and
+// write them, and a VM with volumes mounted refuses to be checkpointed.
+func TestVolumesRestored(t *testing.T) {
+	img := testutil.OpenImage(t, testimage.Numpy(t))
+	st, err := snapshot.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	for i := range 2 {
+		in, out := t.TempDir(), t.TempDir()
+		want := fmt.Sprintf("row,%d\n", i)
+		if err := os.WriteFile(filepath.Join(in, "x.csv"), []byte(want), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		vols := []vm.Volume{{Host: in, Guest: "/data", ReadOnly: true}, {Host: out, Guest: "/results"}}
+		k0, err0 := vm.SnapshotKey(ctx, vm.Config{Image: img}, img.Manifest.Preload)
+		k1, err1 := vm.SnapshotKey(ctx, vm.Config{Image: img, Volumes: vols}, img.Manifest.Preload)
+		if err0 != nil || err1 != nil || !k0.Equal(k1) {
+			t.Fatalf("SnapshotKey without volumes = %v, %v; with = %v, %v; want one key", k0, err0, k1, err1)
+		}
+		sb, err := sandbox.Start(ctx, img, sandbox.Options{Store: st, VM: vm.Config{Volumes: vols}})
+		if err != nil {
+			t.Fatalf("sandbox %d: Start() = %v", i, err)
+		}
+		defer sb.Close()
+		if sb.Restores.Load() != 1 || (i > 0 && sb.SnapshotsCreated.Load() != 0) {
+			t.Errorf("sandbox %d: Restores = %d, SnapshotsCreated = %d; want 1 restore of the one snapshot", i, sb.Restores.Load(), sb.SnapshotsCreated.Load())
+		}
+		var stdout, stderr bytes.Buffer
+		code, err := sb.Run(ctx, []string{"python3", "-c", "print(open('/data/x.csv').read(), end=''); open('/results/r.txt', 'w').write('run')"}, nil, sandbox.Streams{Stdout: &stdout, Stderr: &stderr})
+		if err != nil || code != 0 || stdout.String() != want {
+			t.Errorf("sandbox %d: Run(read /data/x.csv) = %d, %v, stdout %q (stderr %q); want 0, nil, %q", i, code, err, stdout.String(), stderr.String(), want)
+		}
+		r, err := invoke(t, sb, source("def f():\n    open('/results/f.txt', 'w').write('function')\n    return open('/data/x.csv').read()\n", "f"))
+		if err != nil || !r.OK || value(t, r) != want {
+			t.Errorf("sandbox %d: Invoke(read /data/x.csv) = %+v, %v; want %q", i, r, err, want)
+		}
+		for name, content := range map[string]string{"r.txt": "run", "f.txt": "function"} {
+			if b, err := os.ReadFile(filepath.Join(out, name)); err != nil || string(b) != content {
+				t.Errorf("sandbox %d: host file %s = %q, %v; want %q", i, name, b, err, content)
+			}
+		}
+		if err := sb.Checkpoint(ctx, t.TempDir()); err == nil || !strings.Contains(err.Error(), "volumes mounted") {
+			t.Errorf("sandbox %d: Checkpoint() with volumes = %v, want an error saying volumes are mounted", i, err)
+		}
+		sb.Close()
+	}
+	// A volume the guest cannot mount fails the start with the guest's
+	// reason, and the snapshot, which is not to blame, stays.
+	_, err = sandbox.Start(ctx, img, sandbox.Options{Store: st, VM: vm.Config{Volumes: []vm.Volume{{Host: t.TempDir(), Guest: "/home/x"}}}})
+	if want := "the image is read-only there"; err == nil || !errors.Is(err, sandbox.ErrStart) || !strings.Contains(err.Error(), want) {
+		t.Errorf("Start() with a volume at /home/x = %v, want ErrStart containing %q", err, want)
+	}
+	if l, err := st.List(); err != nil || len(l) != 1 {
+		t.Errorf("snapshots after a failed mount = %d, %v; want the 1 snapshot kept", len(l), err)
 	}
 }

@@ -13,6 +13,7 @@ type Timings struct {
 	CommandStarted time.Duration
 	CommandExited  time.Duration
 	StateLoaded    time.Duration // restore: device state loaded and the guest resumed
+	VolumesMounted time.Duration // restore: init mounted the volumes
 }
 
 // Phase is one named point in time since Timings.Start.
@@ -27,7 +28,7 @@ func (t Timings) Phases() []Phase {
 		Phase{"vmm_started", t.VMMStarted}, Phase{"kernel_started", t.KernelStarted},
 		Phase{"init_started", t.InitStarted}, Phase{"rootfs_mounted", t.RootfsMounted},
 		Phase{"command_started", t.CommandStarted}, Phase{"command_exited", t.CommandExited},
-		Phase{"state_loaded_resumed", t.StateLoaded},
+		Phase{"state_loaded_resumed", t.StateLoaded}, Phase{"volumes_mounted", t.VolumesMounted},
 	)
 }
 

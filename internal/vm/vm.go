@@ -11,6 +11,9 @@
 //     command's output goes to the writers given to WithCommand as it
 //     arrives, guest log lines go to the logger, boot events to Timings,
 //     and init's Exit frame is kept for Wait and Death.
+//   - Config.Volumes are mounted by kiln-init before the command or agent
+//     starts (a boot) or on request right after the state is loaded (a
+//     restore); a snapshot source mounts none.
 //   - Wait returns a run-mode command's exit status once the guest powered
 //     off. SaveSnapshot saves a running guest for WithSnapshot.
 //   - Close kills the VMM and releases every resource. It is idempotent and
@@ -55,6 +58,10 @@ type Config struct {
 	// Machine is the machine type (vmm.MachineQ35 or vmm.MachineMicrovm);
 	// "": the one the image's kernel boots fastest on (MachineFor).
 	Machine string
+	// Volumes are host directories the VM mounts (see Volume): at boot,
+	// or after a restore. A snapshot source mounts none, so snapshots
+	// and their keys do not depend on them.
+	Volumes []Volume
 	Log     *slog.Logger // nil discards
 }
 
@@ -72,7 +79,7 @@ func (c *Config) Validate() error {
 	case c.Machine == vmm.MachineMicrovm && c.Image.Manifest.KernelKind() != "minimal":
 		return fmt.Errorf("vm: image %s has the %s kernel, which cannot boot on a microvm (no virtio-mmio): use machine %s", c.Image.Manifest.Name, c.Image.Manifest.KernelKind(), vmm.MachineQ35)
 	}
-	return nil
+	return c.checkVolumes()
 }
 
 // Resources returns the guest memory and vCPU count: the Config's, else
@@ -202,6 +209,8 @@ type VM struct {
 	stdout, stderr           io.Writer
 	restoreRAM, restoreState string
 	sourceRAM                string
+	vols                     []Volume // mounted by this VM (none for a snapshot source)
+	emptyDir                 string   // the unused volume slots' directory, removed by Close
 
 	drv     vmm.Driver
 	mc      vmm.Config
@@ -242,6 +251,18 @@ func New(cfg Config, opts ...Option) (*VM, error) {
 	case v.sourceRAM != "" && v.run.Mode != proto.ModeServe:
 		return nil, errors.New("vm: a snapshot source runs the agent: WithSnapshotSource goes with WithAgent")
 	}
+	if v.sourceRAM == "" {
+		v.vols = cfg.Volumes
+		if v.run != nil {
+			v.run.Volumes = v.protoVolumes()
+		}
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			v.removeEmptyDir()
+		}
+	}()
 	mc, err := v.machineConfig()
 	if err != nil {
 		return nil, err
@@ -259,6 +280,7 @@ func New(cfg Config, opts ...Option) (*VM, error) {
 	if v.machine, err = v.drv.New(mc); err != nil {
 		return nil, err
 	}
+	ok = true
 	return v, nil
 }
 
@@ -294,6 +316,9 @@ func (v *VM) machineConfig() (vmm.Config, error) {
 		Disks:     []vmm.Disk{{Path: img.Path, Offset: root.Offset, Size: root.Size, ReadOnly: true}},
 		Ports:     []string{proto.CtlPort, proto.AgentPort},
 		Log:       v.log,
+	}
+	if mc.Shares, err = v.shares(); err != nil {
+		return vmm.Config{}, err
 	}
 	switch {
 	case v.restoreState != "":
@@ -369,6 +394,12 @@ func (v *VM) Start(ctx context.Context) (err error) {
 			return fmt.Errorf("loading the VM state: %w", err)
 		}
 		v.phase(&v.timings.StateLoaded)
+		if len(v.vols) > 0 {
+			if err := v.mountVolumes(ctx); err != nil {
+				return err
+			}
+			v.phase(&v.timings.VolumesMounted)
+		}
 	} else if err := v.handshake(ctx); err != nil {
 		return err
 	}
@@ -452,6 +483,9 @@ func (v *VM) handshake(ctx context.Context) error {
 				}
 			}
 			v.mu.Unlock()
+			if len(v.run.Volumes) > 0 && !slices.Contains(h.Features, proto.FeatureVolumes) {
+				return errOldInit
+			}
 			rc := *v.run
 			rc.Entropy = Entropy(64)
 			rc.TimeNS = time.Now().UnixNano()
@@ -629,6 +663,10 @@ func (v *VM) SaveSnapshot(ctx context.Context, ram, state string) error {
 	default:
 		return errors.New("saving a snapshot needs a VM with file-backed RAM: a snapshot source or a VM restored from a snapshot")
 	}
+	if len(v.vols) > 0 {
+		// QEMU refuses to migrate a mounted virtio-9p device.
+		return errors.New("saving a snapshot: the VM has volumes mounted, which QEMU cannot save; checkpoint a VM without --volume")
+	}
 	if err := v.m().SaveState(ctx, state); err != nil {
 		return fmt.Errorf("saving the VM state: %w", err)
 	}
@@ -750,6 +788,13 @@ func (v *VM) Close() error {
 		m := v.machine
 		v.mu.Unlock()
 		err = m.Close()
+		v.removeEmptyDir()
 	})
 	return err
+}
+
+func (v *VM) removeEmptyDir() {
+	if v.emptyDir != "" {
+		os.Remove(v.emptyDir)
+	}
 }

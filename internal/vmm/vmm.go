@@ -33,6 +33,14 @@ type Disk struct {
 	ReadOnly bool
 }
 
+// Share is a host directory presented to the guest as a virtio-9p device
+// with a mount tag; the guest mounts it (or not) by that tag.
+type Share struct {
+	Tag      string
+	Path     string // an existing directory
+	ReadOnly bool   // the VMM refuses every write
+}
+
 // Machine types a driver builds (Config.Machine).
 const (
 	// MachineQ35 is a PC (QEMU's q35): PCI devices, SeaBIOS, ACPI. Any
@@ -74,6 +82,10 @@ type Config struct {
 	// Ports names the virtio-serial ports, e.g. {"kiln.ctl","kiln.agent"};
 	// their host ends are returned by Machine.Port(name).
 	Ports []string
+	// Shares are host directories as virtio-9p devices. Their paths and
+	// read-only flags are host-side facts, left out of the fingerprint:
+	// a snapshot taken with empty shares restores with others.
+	Shares []Share
 	// RAMFile, when set, backs guest RAM with this file (needed for
 	// snapshots). RAMShared maps it shared (snapshot source: guest writes
 	// land in the file); otherwise it is a private copy-on-write mapping
@@ -92,6 +104,7 @@ const (
 	MaxVCPUs     = 64
 	MaxDisks     = 16
 	MaxPorts     = 30 // virtio-serial-pci has 31 ports by default; port 0 is reserved for consoles
+	MaxShares    = 8
 )
 
 var portNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -173,11 +186,33 @@ func (c *Config) Validate() error {
 		}
 		seen[p] = true
 	}
+	if len(c.Shares) > MaxShares {
+		return fmt.Errorf("invalid machine config: %d shares, at most %d", len(c.Shares), MaxShares)
+	}
+	tags := make(map[string]bool, len(c.Shares))
+	for _, sh := range c.Shares {
+		if !tagRE.MatchString(sh.Tag) {
+			return fmt.Errorf("invalid machine config: bad share tag %q (want letters, digits, '_', '-', at most 31)", sh.Tag)
+		}
+		if tags[sh.Tag] {
+			return fmt.Errorf("invalid machine config: duplicate share tag %q", sh.Tag)
+		}
+		tags[sh.Tag] = true
+		fi, err := os.Stat(sh.Path)
+		if err != nil {
+			return fmt.Errorf("invalid machine config: share %s: %w", sh.Tag, err)
+		}
+		if !fi.IsDir() {
+			return fmt.Errorf("invalid machine config: share %s: %s is not a directory", sh.Tag, sh.Path)
+		}
+	}
 	if c.RAMFile == "" && c.RAMShared {
 		return errors.New("invalid machine config: RAMShared without RAMFile")
 	}
 	return nil
 }
+
+var tagRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,31}$`)
 
 var cpuRE = regexp.MustCompile(`^([A-Za-z0-9][A-Za-z0-9._-]*)?$`)
 

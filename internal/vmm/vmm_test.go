@@ -99,6 +99,14 @@ func TestValidate(t *testing.T) {
 				c.Ports = append(c.Ports, "p"+strings.Repeat("x", i))
 			}
 		}, "ports, at most"},
+		{"ok-shares", func(c *Config) {
+			c.Shares = []Share{{Tag: "kiln0", Path: dir, ReadOnly: true}, {Tag: "kiln1", Path: dir}}
+		}, ""},
+		{"share-tag", func(c *Config) { c.Shares = []Share{{Tag: "a,b", Path: dir}} }, `bad share tag "a,b"`},
+		{"share-dup", func(c *Config) { c.Shares = []Share{{Tag: "a", Path: dir}, {Tag: "a", Path: dir}} }, `duplicate share tag "a"`},
+		{"share-missing", func(c *Config) { c.Shares = []Share{{Tag: "a", Path: filepath.Join(dir, "nope")}} }, "share a: stat"},
+		{"share-file", func(c *Config) { c.Shares = []Share{{Tag: "a", Path: kernel}} }, "is not a directory"},
+		{"too-many-shares", func(c *Config) { c.Shares = make([]Share, MaxShares+1) }, "shares, at most"},
 		{"shared-without-file", func(c *Config) { c.RAMShared = true }, "RAMShared without RAMFile"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -7,6 +7,7 @@
 package pid1
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -28,6 +29,7 @@ const (
 	portClassDir = "/sys/class/virtio-ports"
 	rootDevice   = "/dev/vda"
 	newRoot      = "/newroot"
+	imageRoot    = "/image"
 	waitTimeout  = 30 * time.Second
 	pollStep     = 5 * time.Millisecond
 	chunkSize    = 32 << 10
@@ -172,7 +174,7 @@ func (in *initProc) run() error {
 	in.mu.Lock()
 	in.ctl = ctl
 	in.mu.Unlock()
-	if err := in.sendJSON(proto.Hello, proto.HelloMsg{Who: "init", Version: in.version, UptimeMS: uptimeMS()}); err != nil {
+	if err := in.sendJSON(proto.Hello, proto.HelloMsg{Who: "init", Version: in.version, UptimeMS: uptimeMS(), Features: []string{proto.FeatureVolumes}}); err != nil {
 		return fmt.Errorf("sending hello: %w", err)
 	}
 	rd := proto.NewReader(ctl, maxConfigSize)
@@ -194,6 +196,9 @@ func (in *initProc) run() error {
 		return err
 	}
 	in.event(proto.PhaseRootfsMounted)
+	if err := mountVolumes("", cfg.Volumes); err != nil {
+		return err
+	}
 	var stdin *os.File
 	if cfg.Mode == proto.ModeRun && cfg.Stdin {
 		r, w, err := os.Pipe()
@@ -223,6 +228,10 @@ func (in *initProc) readCtl(rd *proto.Reader, stdin *os.File) {
 			}
 			return
 		}
+		if f.Type == proto.Mount {
+			in.mountRequest(f.Payload)
+			continue
+		}
 		if f.Type != proto.Stdin || stdin == nil {
 			continue
 		}
@@ -236,6 +245,26 @@ func (in *initProc) readCtl(rd *proto.Reader, stdin *os.File) {
 			stdin.Close()
 			stdin = nil
 		}
+	}
+}
+
+// mountRequest mounts the volumes of a Mount frame (a restored VM) and
+// answers with a Mounted frame.
+func (in *initProc) mountRequest(payload []byte) {
+	var m proto.MountMsg
+	err := json.Unmarshal(payload, &m)
+	if err != nil {
+		err = fmt.Errorf("decoding the mount request: %w", err)
+	} else {
+		err = mountVolumes("", m.Volumes)
+	}
+	reply := proto.MountedMsg{OK: err == nil}
+	if err != nil {
+		reply.Error = err.Error()
+		in.logf("%v", err)
+	}
+	if err := in.sendJSON(proto.Mounted, reply); err != nil {
+		fmt.Fprintf(in.console, "kiln-init: answering the mount request: %v\n", err)
 	}
 }
 
@@ -385,14 +414,19 @@ func mountRoot(tmpfsMiB int) error {
 	if err := poll(waitTimeout, func() error { _, err := os.Stat(rootDevice); return err }); err != nil {
 		return fmt.Errorf("waiting for root device (is the rootfs attached as virtio-blk?): %w", err)
 	}
-	if err := os.MkdirAll(newRoot, 0o755); err != nil {
-		return fmt.Errorf("creating %s: %w", newRoot, err)
+	for _, d := range []string{imageRoot, newRoot} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return fmt.Errorf("creating %s: %w", d, err)
+		}
 	}
 	// erofs is kiln's root filesystem; squashfs images exist for comparisons.
-	if err := unix.Mount(rootDevice, newRoot, "erofs", unix.MS_RDONLY, ""); err != nil {
-		if err2 := unix.Mount(rootDevice, newRoot, "squashfs", unix.MS_RDONLY, ""); err2 != nil {
+	if err := unix.Mount(rootDevice, imageRoot, "erofs", unix.MS_RDONLY, ""); err != nil {
+		if err2 := unix.Mount(rootDevice, imageRoot, "squashfs", unix.MS_RDONLY, ""); err2 != nil {
 			return fmt.Errorf("mounting rootfs %s (erofs: %v; squashfs: %w)", rootDevice, err, err2)
 		}
+	}
+	if err := bindImage(imageRoot, newRoot); err != nil {
+		return err
 	}
 	for _, t := range []struct {
 		dir  string
@@ -423,6 +457,9 @@ func mountRoot(tmpfsMiB int) error {
 	if err := unix.Mount("tmpfs", shm, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, fmt.Sprintf("size=%dm,mode=1777", tmpfsMiB)); err != nil {
 		return fmt.Errorf("mounting tmpfs on /dev/shm: %w", err)
 	}
+	if err := remountRoot(newRoot, true); err != nil {
+		return err
+	}
 	if err := unix.Chdir(newRoot); err != nil {
 		return fmt.Errorf("switching root: %w", err)
 	}
@@ -434,6 +471,50 @@ func mountRoot(tmpfsMiB int) error {
 	}
 	if err := unix.Chdir("/"); err != nil {
 		return fmt.Errorf("switching root: %w", err)
+	}
+	return nil
+}
+
+// bindImage makes root, the future guest root, a small tmpfs holding
+// each top-level entry of the mounted image at image: directories and
+// files bind-mounted (read-only, as the image is), symlinks copied. The
+// guest sees the image as before, but a volume can later get a new
+// top-level mountpoint (/data) although the image itself is read-only.
+func bindImage(image, root string) error {
+	if err := unix.Mount("tmpfs", root, "tmpfs", rootFlags, "size=1m,mode=755"); err != nil {
+		return fmt.Errorf("mounting the root tmpfs: %w", err)
+	}
+	ents, err := os.ReadDir(image)
+	if err != nil {
+		return fmt.Errorf("reading the rootfs: %w", err)
+	}
+	for _, e := range ents {
+		src, dst := image+"/"+e.Name(), root+"/"+e.Name()
+		fi, err := os.Lstat(src)
+		if err != nil {
+			return fmt.Errorf("reading the rootfs: %w", err)
+		}
+		switch {
+		case fi.Mode()&os.ModeSymlink != 0:
+			target, err := os.Readlink(src)
+			if err == nil {
+				err = os.Symlink(target, dst)
+			}
+			if err != nil {
+				return fmt.Errorf("copying the rootfs symlink /%s: %w", e.Name(), err)
+			}
+			continue
+		case fi.IsDir():
+			err = os.Mkdir(dst, fi.Mode().Perm())
+		default:
+			err = os.WriteFile(dst, nil, 0o444)
+		}
+		if err != nil {
+			return fmt.Errorf("creating /%s on the root tmpfs: %w", e.Name(), err)
+		}
+		if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind-mounting the rootfs's /%s: %w", e.Name(), err)
+		}
 	}
 	return nil
 }

@@ -5,7 +5,14 @@ type HelloMsg struct {
 	Who      string  `json:"who"`
 	Version  string  `json:"version,omitempty"`
 	UptimeMS float64 `json:"uptime_ms"`
+	// Features lists what this init can do beyond protocol version 1
+	// (FeatureVolumes), so a host can refuse what an older image's init
+	// would silently ignore.
+	Features []string `json:"features,omitempty"`
 }
+
+// FeatureVolumes: init mounts RunConfig.Volumes and answers Mount frames.
+const FeatureVolumes = "volumes"
 
 // RunConfig is the payload of the Config frame the host sends to init.
 type RunConfig struct {
@@ -22,6 +29,32 @@ type RunConfig struct {
 	// Stdin, in run mode, makes the command's fd 0 the host's Stdin frames
 	// on the ctl port (an empty frame ends the input); else /dev/null.
 	Stdin bool `json:"stdin,omitempty"`
+	// Volumes are host directories init mounts before it starts the
+	// command or the agent (a cold boot). A restored VM gets them in a
+	// Mount frame instead, since a snapshot is taken with none mounted.
+	Volumes []Volume `json:"volumes,omitempty"`
+}
+
+// Volume is one host directory shared into the guest: the 9p mount tag of
+// its device slot (VolumeTag), where it appears in the guest and whether
+// it is read-only.
+type Volume struct {
+	Tag      string `json:"tag"`
+	Path     string `json:"path"`
+	ReadOnly bool   `json:"ro,omitempty"`
+}
+
+// MountMsg is the payload of a Mount frame: the host asks init to mount
+// these volumes (a restored VM, right after its state is loaded).
+type MountMsg struct {
+	Volumes []Volume `json:"volumes"`
+}
+
+// MountedMsg is init's answer to a Mount frame: every volume is mounted,
+// or none is and Error says why.
+type MountedMsg struct {
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
 }
 
 // Modes of a RunConfig.

@@ -39,6 +39,8 @@ const (
 	Event    Type = 0x06
 	Log      Type = 0x07
 	Stdin    Type = 0x08
+	Mount    Type = 0x09
+	Mounted  Type = 0x0a
 	Ready    Type = 0x10
 	Task     Type = 0x11
 	Result   Type = 0x12
@@ -48,7 +50,7 @@ const (
 
 var typeNames = map[Type]string{
 	Hello: "hello", Config: "config", Stdout: "stdout", Stderr: "stderr", Exit: "exit",
-	Event: "event", Log: "log", Stdin: "stdin", Ready: "ready", Task: "task", Result: "result",
+	Event: "event", Log: "log", Stdin: "stdin", Mount: "mount", Mounted: "mounted", Ready: "ready", Task: "task", Result: "result",
 	Reseed: "reseed", Reseeded: "reseeded",
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -102,4 +103,45 @@ func FuzzReader(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestCheckGuestPath(t *testing.T) {
+	for _, tt := range []struct {
+		path string
+		want string // "" = allowed
+	}{
+		{"/data", ""},
+		{"/mnt/in", ""},
+		{"/tmp/x", ""},
+		{"/home/user/data", ""},
+		{"/usr2", ""},
+		{"", "empty"},
+		{"data", "not absolute"},
+		{"/", "root"},
+		{"/data/", "not clean"},
+		{"//data", "not clean"},
+		{"/a/./b", "not clean"},
+		{"/a\nb", "newline"},
+		{"/usr", "shadow the system directory /usr"},
+		{"/usr/local/x", "/usr"},
+		{"/lib64", "shadow"},
+		{"/proc/x", "shadow"},
+		{"/sys", "shadow"},
+		{"/dev/shm", "shadow"},
+		{"/etc", "shadow"},
+		{"/var/data", "shadow"},
+		{"/run/x", "shadow"},
+		{"/" + strings.Repeat("a", 1100), "longer than"},
+	} {
+		err := CheckGuestPath(tt.path)
+		switch {
+		case tt.want == "" && err != nil:
+			t.Errorf("CheckGuestPath(%q) = %v, want nil", tt.path, err)
+		case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+			t.Errorf("CheckGuestPath(%q) = %v, want an error containing %q", tt.path, err, tt.want)
+		}
+	}
+	if got, want := VolumeTag(3), "kiln3"; got != want {
+		t.Errorf("VolumeTag(3) = %q, want %q", got, want)
+	}
 }

@@ -224,9 +224,9 @@ func parseTSCkHz(cpuinfo []byte) int {
 // are the QMP, console and port sockets Start passes.
 func (m *Machine) Args() []string {
 	c := &m.cfg
-	machine, blkDev, serialDev := q35Machine, "virtio-blk-pci", "virtio-serial-pci"
+	machine, blkDev, serialDev, fsDev := q35Machine, "virtio-blk-pci", "virtio-serial-pci", "virtio-9p-pci"
 	if c.Machine == vmm.MachineMicrovm {
-		machine, blkDev, serialDev = microvmMachine, "virtio-blk-device", "virtio-serial-device"
+		machine, blkDev, serialDev, fsDev = microvmMachine, "virtio-blk-device", "virtio-serial-device", "virtio-9p-device"
 	}
 	if c.RAMFile != "" {
 		machine += ",memory-backend=mem"
@@ -303,11 +303,33 @@ func (m *Machine) Args() []string {
 			"-blockdev", jsonArg(raw),
 			"-device", jsonArg(map[string]any{"driver": blkDev, "drive": node, "id": "vd" + strconv.Itoa(i)}))
 	}
+	for i, sh := range c.Shares {
+		id := "fs" + strconv.Itoa(i)
+		a = append(a,
+			"-fsdev", fsdevArg(id, sh),
+			"-device", jsonArg(map[string]any{"driver": fsDev, "fsdev": id, "mount_tag": sh.Tag}))
+	}
 	a = append(a, "-sandbox", sandboxOpts)
 	if c.Incoming {
 		a = append(a, "-incoming", "defer")
 	}
 	return a
+}
+
+// fsdevArg is the -fsdev option of a share (fsdev takes no JSON in 7.2;
+// a comma in a value is written twice). The local backend walks paths
+// with openat and O_NOFOLLOW, so a symlink inside the share is never
+// followed on the host, and ".." at the share's root stays there.
+// security_model=none: files are created with QEMU's own credentials
+// (the user running kiln); as root, QEMU also applies the guest's
+// chown, and failures to do so are ignored otherwise. multidevs=remap
+// keeps inode numbers unique when the share spans host filesystems.
+func fsdevArg(id string, sh vmm.Share) string {
+	o := "local,id=" + id + ",path=" + strings.ReplaceAll(sh.Path, ",", ",,") + ",security_model=none,multidevs=remap"
+	if sh.ReadOnly {
+		o += ",readonly=on"
+	}
+	return o
 }
 
 // Fingerprint returns a digest of the machine as the guest sees it: the
@@ -328,6 +350,10 @@ func (m *Machine) Fingerprint() string {
 	c.Disks = slices.Clone(c.Disks)
 	for i := range c.Disks {
 		c.Disks[i].Path, c.Disks[i].Offset, c.Disks[i].Size = path, 0, 0
+	}
+	c.Shares = slices.Clone(c.Shares)
+	for i := range c.Shares {
+		c.Shares[i].Path, c.Shares[i].ReadOnly = path, false
 	}
 	n := &Machine{cfg: c, binary: "qemu", accel: m.accel, cpu: m.cpu}
 	h := sha256.Sum256([]byte(strings.Join(n.Args(), "\x00")))

@@ -331,7 +331,8 @@ func TestFingerprint(t *testing.T) {
 	}
 	base := vmm.Config{Kernel: file("k1"), Initrd: file("i1"), Cmdline: testCmdline, MemoryMiB: 256, VCPUs: 1, Accel: vmm.TCG,
 		Ports: []string{"kiln.ctl", "kiln.agent"}, Disks: []vmm.Disk{{Path: file("d1"), Offset: 4096, Size: 8192, ReadOnly: true}},
-		RAMFile: filepath.Join(dir, "ram1"), RAMShared: true, Binary: "/bin/true"}
+		RAMFile: filepath.Join(dir, "ram1"), RAMShared: true, Binary: "/bin/true",
+		Shares: []vmm.Share{{Tag: "kiln0", Path: dir, ReadOnly: true}, {Tag: "kiln1", Path: dir, ReadOnly: true}}}
 	fp := func(c vmm.Config) string {
 		t.Helper()
 		m, err := New(c)
@@ -347,6 +348,10 @@ func TestFingerprint(t *testing.T) {
 			c.Kernel, c.Initrd, c.RAMFile = file("k2"), file("i2"), filepath.Join(dir, "ram2")
 			c.Disks = []vmm.Disk{{Path: file("d2"), Offset: 8192, Size: 4096, ReadOnly: true}}
 		},
+		// A snapshot taken with empty read-only slots restores with volumes.
+		"volumes in the slots": func(c *vmm.Config) {
+			c.Shares = []vmm.Share{{Tag: "kiln0", Path: t.TempDir()}, {Tag: "kiln1", Path: t.TempDir(), ReadOnly: true}}
+		},
 	}
 	for name, mut := range same {
 		c := base
@@ -361,12 +366,28 @@ func TestFingerprint(t *testing.T) {
 		"cpu":         func(c *vmm.Config) { c.CPU = "Haswell" },
 		"no RAM file": func(c *vmm.Config) { c.RAMFile, c.RAMShared = "", false },
 		"two disks":   func(c *vmm.Config) { c.Disks = append(c.Disks, vmm.Disk{Path: c.Disks[0].Path}) },
+		"one slot":    func(c *vmm.Config) { c.Shares = c.Shares[:1] },
+		"other tags":  func(c *vmm.Config) { c.Shares = []vmm.Share{{Tag: "a", Path: dir}, {Tag: "b", Path: dir}} },
 	}
 	for name, mut := range differ {
 		c := base
 		mut(&c)
 		if got := fp(c); got == want {
 			t.Errorf("Fingerprint(%s) = %s, the same as the base machine's; want a different one", name, got)
+		}
+	}
+}
+
+func TestFsdevArg(t *testing.T) {
+	for _, tt := range []struct {
+		sh   vmm.Share
+		want string
+	}{
+		{vmm.Share{Tag: "kiln0", Path: "/data", ReadOnly: true}, "local,id=fs0,path=/data,security_model=none,multidevs=remap,readonly=on"},
+		{vmm.Share{Tag: "kiln0", Path: "/a,b=c"}, "local,id=fs0,path=/a,,b=c,security_model=none,multidevs=remap"},
+	} {
+		if got := fsdevArg("fs0", tt.sh); got != tt.want {
+			t.Errorf("fsdevArg(%+v) = %q, want %q", tt.sh, got, tt.want)
 		}
 	}
 }
