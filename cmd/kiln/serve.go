@@ -11,7 +11,7 @@ import (
 
 	"github.com/kiln-dev/kiln/internal/endpoint"
 	"github.com/kiln-dev/kiln/internal/endpoint/slurm"
-	"github.com/kiln-dev/kiln/internal/vm"
+	"github.com/kiln-dev/kiln/internal/guest/proto"
 )
 
 func newServeCmd(a *app) *cobra.Command {
@@ -35,8 +35,13 @@ told otherwise, and refuses a non-loopback address without a token.
 
 Settings can also come from a TOML file (--config) with the keys listen,
 images, state, max_vms, max_memory, pool_max, min_idle, idle_timeout,
-max_queued, max_body, result_ttl, shutdown_grace, insecure_no_auth, provider,
-advertise and a [slurm] table; flags win.
+max_queued, max_body, result_ttl, shutdown_grace, insecure_no_auth, volumes,
+provider, advertise and a [slurm] table; flags win.
+
+--volume HOST:GUEST[:ro|:rw] (repeatable) mounts an operator's host
+directory into every VM of the endpoint, read-only unless :rw, as kiln run
+does; tasks cannot ask for any other host path. With the Slurm provider the
+workers mount the same path on their nodes (a shared filesystem).
 
 With provider = "slurm" the endpoint runs no VMs itself: it submits pilot
 jobs (blocks) with sbatch, each runs "kiln worker" on its compute node, and
@@ -47,6 +52,7 @@ blocks. provider = "workers" takes workers started by hand.`,
 		Example: `  kiln serve --images /shared/images
   kiln serve --config /etc/kiln/serve.toml
   kiln serve --images ./images --max-vms 4 --max-memory 8G --idle-timeout 10m
+  kiln serve --images ./images --volume /shared/data:/data --volume /scratch/out:/out:rw
   kiln serve --images /shared/images --listen 10.1.0.5:8470 --provider slurm --partition compute --max-blocks 4`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -68,7 +74,7 @@ blocks. provider = "workers" takes workers started by hand.`,
 				}
 			}
 			if cfg.Provider == endpoint.ProviderLocal || cfg.Provider == "" {
-				cfg.VM = vm.Config{Log: cfg.Log, Accel: a.accel()}
+				cfg.VM.Log, cfg.VM.Accel = cfg.Log, a.accel()
 			}
 			if err := endpoint.CheckListen(c.Listen, !cfg.NoAuth); err != nil {
 				return err
@@ -98,6 +104,10 @@ blocks. provider = "workers" takes workers started by hand.`,
 				cfg.WorkerCommand = []string{exe, "worker", "--endpoint", u}
 				if !cfg.NoAuth {
 					cfg.WorkerCommand = append(cfg.WorkerCommand, "--token-file", slurm.TokenFile(cfg.StateDir))
+				}
+				for _, v := range cfg.VM.Volumes {
+					// The same host path on every node: a shared filesystem.
+					cfg.WorkerCommand = append(cfg.WorkerCommand, "--volume", v.String())
 				}
 				if a.verbose {
 					cfg.WorkerCommand = append(cfg.WorkerCommand, "-v")
@@ -140,6 +150,7 @@ blocks. provider = "workers" takes workers started by hand.`,
 	f.StringVar(&c.ResultTTL, "result-ttl", endpoint.DefaultResultTTL.String(), "how long finished tasks and results are kept")
 	f.StringVar(&c.ShutdownGrace, "shutdown-grace", "10s", "on shutdown, how long running tasks may finish (the rest run again after a restart)")
 	f.BoolVar(&c.InsecureNoAuth, "insecure-no-auth", false, "serve without a token (refused unless listening on loopback)")
+	f.StringArrayVar(&c.Volumes, "volume", nil, fmt.Sprintf("mount the host directory HOST at GUEST in every VM, read-only unless :rw (HOST:GUEST[:ro|:rw]; repeatable, up to %d; tasks cannot name other host paths)", proto.VolumeSlots))
 	f.StringVar(&c.Provider, "provider", endpoint.ProviderLocal, "where tasks run: local (this machine's VMs), slurm (workers in pilot jobs), workers (workers started by hand)")
 	f.StringVar(&c.Advertise, "advertise", "", "URL the workers reach this endpoint at (default: from --listen, with this host's name for 0.0.0.0)")
 	f.StringVar(&c.Slurm.Partition, "partition", "", "[slurm] partition of the pilot jobs")
@@ -224,6 +235,7 @@ func mergeServeConfig(cmd *cobra.Command, c *endpoint.FileConfig, fc endpoint.Fi
 		}
 	})
 	set("advertise", func() { c.Advertise = fc.Advertise })
+	set("volume", func() { c.Volumes = fc.Volumes })
 	// The [slurm] table, with the keys whose flags were given replaced.
 	sl := fc.Slurm
 	for flag, apply := range map[string]func(){

@@ -1,12 +1,18 @@
 package main
 
 import (
+	"bufio"
 	"encoding/json"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 
+	"github.com/kiln-dev/kiln/internal/testutil"
 	"github.com/kiln-dev/kiln/internal/testutil/testimage"
 )
 
@@ -75,5 +81,74 @@ func TestVolumeFlagErrors(t *testing.T) {
 				t.Errorf("kiln %s --volume %s error = %v, want one containing %q", args[0], tt.flag, err, tt.want)
 			}
 		}
+	}
+}
+
+// TestServeVolume: kiln serve --volume mounts the operator's directories
+// into the endpoint's VMs; a task reads the read-only one and writes the
+// :rw one, and the write lands on the host.
+func TestServeVolume(t *testing.T) {
+	img := testimage.Numpy(t)
+	bin := testutil.Kiln(t)
+	dir := t.TempDir()
+	images, data, out, state := filepath.Join(dir, "images"), filepath.Join(dir, "data"), filepath.Join(dir, "out"), filepath.Join(dir, "state")
+	for _, d := range []string{images, data, out} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink(img, filepath.Join(images, "numpy.kimg")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(data, "x.csv"), []byte("a,b\n1,2\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "serve", "--images", images, "--state", state, "--listen", "127.0.0.1:0",
+		"--volume", data+":/data", "--volume", out+":/out:rw")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGINT)
+		cmd.Wait()
+	})
+	sc := bufio.NewScanner(stderr)
+	url := ""
+	for url == "" && sc.Scan() {
+		if m := regexp.MustCompile(`serving on (http://\S+)`).FindStringSubmatch(sc.Text()); m != nil {
+			url = m[1]
+		}
+	}
+	if url == "" {
+		t.Fatalf("kiln serve --volume did not start serving: %v", cmd.Wait())
+	}
+	go io.Copy(io.Discard, stderr)
+	tok, err := os.ReadFile(filepath.Join(state, "token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	handler := filepath.Join(dir, "h.py")
+	src := "def rows(p):\n    n = len(open(p).read().split())\n    open('/out/rows.txt', 'w').write(str(n))\n    return n\n"
+	if err := os.WriteFile(handler, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stdout, errOut, err := kiln(t, "submit", "--url", url, "--token", strings.TrimSpace(string(tok)), "--image", "numpy",
+		"--file", handler, "--function", "rows", "--args", `["/data/x.csv"]`, "--wait", "5m")
+	var tv struct {
+		State  string
+		Error  string
+		Result struct {
+			Value struct{ Data json.RawMessage }
+		}
+	}
+	if err != nil || json.Unmarshal([]byte(stdout), &tv) != nil || tv.State != "succeeded" || string(tv.Result.Value.Data) != "2" {
+		t.Fatalf("a served task reading /data/x.csv = %s, %v; want succeeded with 2\nstderr:\n%s", stdout, err, errOut)
+	}
+	if b, err := os.ReadFile(filepath.Join(out, "rows.txt")); err != nil || string(b) != "2" {
+		t.Errorf("out/rows.txt on the host = %q, %v; want the served task's write \"2\"", b, err)
 	}
 }

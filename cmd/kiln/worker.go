@@ -25,6 +25,7 @@ const envDrainGrace = "KILN_DRAIN_GRACE"
 func newWorkerCmd(a *app) *cobra.Command {
 	var url, token, tokenFile, images, cacheDir, memory string
 	var slots int
+	var vols volumeFlags
 	var c endpoint.WorkerConfig
 	cmd := &cobra.Command{
 		Use:   "worker --endpoint URL [--token-file FILE]",
@@ -96,13 +97,14 @@ worker lost when it has not heard from it for 15 s (three 5 s heartbeats).`,
 			c.BlockID = os.Getenv("KILN_BLOCK_ID")
 			c.Version = version
 			c.Log = a.logger()
-			c.VM = vm.Config{Log: c.Log, Accel: a.accel()}
+			c.VM = vm.Config{Log: c.Log, Accel: a.accel(), Volumes: vols}
 			c.Registered = func(id string) {
 				fmt.Fprintf(a.stderr, "kiln: worker %s on %s registered with %s (%d slots)\n", id, c.Node, url, c.Slots)
 			}
 			return endpoint.RunWorker(cmd.Context(), c)
 		},
 	}
+	vols.add(cmd)
 	f := cmd.Flags()
 	f.StringVar(&url, "endpoint", "", "the endpoint's URL")
 	f.StringVar(&token, "token", "", "API token (default $KILN_TOKEN)")

@@ -12,7 +12,9 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/kiln-dev/kiln/internal/endpoint/slurm"
+	"github.com/kiln-dev/kiln/internal/guest/proto"
 	"github.com/kiln-dev/kiln/internal/size"
+	"github.com/kiln-dev/kiln/internal/vm"
 )
 
 // FileConfig is the TOML config file of kiln serve (kiln serve --config),
@@ -38,6 +40,9 @@ type FileConfig struct {
 	// listen address, with this host's name for 0.0.0.0 or [::]).
 	Advertise string       `toml:"advertise"`
 	Slurm     slurm.Config `toml:"slurm"`
+	// Volumes are host directories mounted into every VM of the endpoint
+	// (HOST:GUEST[:ro|:rw], read-only by default), as kiln serve --volume.
+	Volumes []string `toml:"volumes"`
 }
 
 // LoadFileConfig reads a config file strictly: an unknown key is an error
@@ -66,7 +71,7 @@ func LoadFileConfig(path string) (FileConfig, error) {
 }
 
 // Config returns the endpoint configuration the file (and flags) describe.
-// Log and VM are the caller's to set.
+// Log and the rest of VM (beyond Volumes) are the caller's to set.
 func (c *FileConfig) Config() (Config, error) {
 	cfg := Config{
 		ImagesDir: c.Images, StateDir: c.State, NoAuth: c.InsecureNoAuth,
@@ -80,6 +85,16 @@ func (c *FileConfig) Config() (Config, error) {
 		if err := cfg.Slurm.Validate(); err != nil {
 			return cfg, err
 		}
+	}
+	for _, s := range c.Volumes {
+		v, err := vm.ParseVolume(s)
+		if err != nil {
+			return cfg, fmt.Errorf("--volume %s: %w", s, err)
+		}
+		cfg.VM.Volumes = append(cfg.VM.Volumes, v)
+	}
+	if n := len(cfg.VM.Volumes); n > proto.VolumeSlots {
+		return cfg, fmt.Errorf("%d volumes: a VM takes at most %d", n, proto.VolumeSlots)
 	}
 	if cfg.StateDir == "" {
 		d, err := DefaultStateDir()
