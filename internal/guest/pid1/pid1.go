@@ -7,7 +7,6 @@
 package pid1
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -251,12 +250,9 @@ func (in *initProc) readCtl(rd *proto.Reader, stdin *os.File) {
 // mountRequest mounts the volumes of a Mount frame (a restored VM) and
 // answers with a Mounted frame.
 func (in *initProc) mountRequest(payload []byte) {
-	var m proto.MountMsg
-	err := json.Unmarshal(payload, &m)
-	if err != nil {
-		err = fmt.Errorf("decoding the mount request: %w", err)
-	} else {
-		err = mountVolumes("", m.Volumes)
+	vols, err := decodeMount(payload)
+	if err == nil {
+		err = mountVolumes("", vols)
 	}
 	reply := proto.MountedMsg{OK: err == nil}
 	if err != nil {

@@ -1,6 +1,7 @@
 package pid1
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -48,6 +49,18 @@ func checkVolumes(vols []proto.Volume) error {
 		}
 	}
 	return nil
+}
+
+// decodeMount decodes and checks a Mount frame's payload.
+func decodeMount(payload []byte) ([]proto.Volume, error) {
+	var m proto.MountMsg
+	if err := json.Unmarshal(payload, &m); err != nil {
+		return nil, fmt.Errorf("decoding the mount request: %w", err)
+	}
+	if err := checkVolumes(m.Volumes); err != nil {
+		return nil, fmt.Errorf("mounting volumes: %w", err)
+	}
+	return m.Volumes, nil
 }
 
 // within reports whether p is dir or below it.

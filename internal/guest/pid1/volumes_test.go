@@ -31,3 +31,34 @@ func TestCheckVolumes(t *testing.T) {
 		}
 	}
 }
+
+// FuzzDecodeMount: whatever the host sends in a Mount frame, what init
+// accepts has known, distinct slot tags and allowed guest paths.
+func FuzzDecodeMount(f *testing.F) {
+	for _, s := range []string{
+		`{"volumes":[{"tag":"kiln0","path":"/data","ro":true},{"tag":"kiln1","path":"/tmp/out"}]}`,
+		`{"volumes":[]}`, `{}`, `{"volumes":[{"tag":"kiln0","path":"/usr"}]}`, `{"volumes":[{"tag":"kiln0","path":"/a"},{"tag":"kiln0","path":"/b"}]}`,
+		`{"volumes":[{"tag":"kiln7","path":"/data"}]}`, `{"volumes":[{"tag":"kiln0","path":"data/../x"}]}`, `null`, ``, `[`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		vols, err := decodeMount(b)
+		if err != nil {
+			return
+		}
+		seen := map[string]bool{}
+		for _, v := range vols {
+			if seen[v.Tag] {
+				t.Errorf("decodeMount(%q) accepted tag %s twice", b, v.Tag)
+			}
+			seen[v.Tag] = true
+			if err := proto.CheckGuestPath(v.Path); err != nil {
+				t.Errorf("decodeMount(%q) accepted guest path %q: %v", b, v.Path, err)
+			}
+		}
+		if len(vols) > proto.VolumeSlots {
+			t.Errorf("decodeMount(%q) accepted %d volumes, more than %d slots", b, len(vols), proto.VolumeSlots)
+		}
+	})
+}
