@@ -404,17 +404,24 @@ func runSDK(t *testing.T, ts *testServer) {
 	}
 }
 
-// TestRestart kills -9 an endpoint (a re-executed test binary) with one
-// task running and 200 queued, starts it again and checks that the running
-// one failed with the restart reason and the 200 completed exactly once.
-func TestRestart(t *testing.T) {
-	images := imagesDir(t)
-	state := t.TempDir()
-	ep := startEndpointProcess(t, helperConfig{State: state, Images: images, MaxVMs: 1})
+// startKillable starts an endpoint subprocess with one VM and the numpy
+// image, for a test that kills it -9 and starts it again on state.
+func startKillable(t *testing.T) (images, state string, ep *endpointProcess, token string) {
+	t.Helper()
+	images, state = imagesDir(t), t.TempDir()
+	ep = startEndpointProcess(t, helperConfig{State: state, Images: images, MaxVMs: 1})
 	token, _, err := LoadOrCreateToken(state)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return images, state, ep, token
+}
+
+// TestRestart kills -9 an endpoint (a re-executed test binary) with one
+// task running and 200 queued, starts it again and checks that the running
+// one failed with the restart reason and the 200 completed exactly once.
+func TestRestart(t *testing.T) {
+	images, state, ep, token := startKillable(t)
 	c := newClient(t, "http://"+ep.addr, token)
 	sleeper := register(t, c, map[string]any{"image": "numpy", "source": "def sleeper():\n    import time\n    time.sleep(3600)\n", "timeout": "2h"})
 	square := register(t, c, map[string]any{"image": "numpy", "source": squareSrc, "timeout": "5m"})
@@ -512,13 +519,7 @@ func BenchmarkLoad(b *testing.B) {
 // value and each task ran to one completion; with the endpoint left down,
 // the futures fail by the Executor's deadline, saying what happened.
 func TestExecutorRestart(t *testing.T) {
-	images := imagesDir(t)
-	state := t.TempDir()
-	ep := startEndpointProcess(t, helperConfig{State: state, Images: images, MaxVMs: 1})
-	token, _, err := LoadOrCreateToken(state)
-	if err != nil {
-		t.Fatal(err)
-	}
+	images, state, ep, token := startKillable(t)
 	url := "http://" + ep.addr
 
 	type outcome struct {

@@ -89,7 +89,12 @@ func writeStamp(path, content string) {
 
 // Extract copies a part's bytes to dst atomically (temporary file + rename),
 // checking them against the part's sha256 on the way.
-func (img *Image) Extract(name, dst string) (err error) {
+func (img *Image) Extract(name, dst string) error { return img.extract(name, dst, -1) }
+
+// extract writes part name to dst atomically: its bytes as they are
+// (gunzipped < 0), checked against the part's sha256 as they are copied,
+// or, once the digest is checked, gzip-decoded to exactly gunzipped bytes.
+func (img *Image) extract(name, dst string, gunzipped int64) error {
 	p, ok := img.Part(name)
 	if !ok {
 		return fmt.Errorf("extracting %s: image has no such part", name)
@@ -105,7 +110,11 @@ func (img *Image) Extract(name, dst string) (err error) {
 	}
 	defer tmp.Cleanup()
 	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(tmp, h), io.NewSectionReader(f, p.Offset, p.Size))
+	var to io.Writer = h
+	if gunzipped < 0 {
+		to = io.MultiWriter(tmp, h) // one pass: copy and hash
+	}
+	n, err := io.Copy(to, io.NewSectionReader(f, p.Offset, p.Size))
 	if err != nil {
 		return fmt.Errorf("extracting %s: %w", name, err)
 	}
@@ -115,46 +124,18 @@ func (img *Image) Extract(name, dst string) (err error) {
 	if got := hex.EncodeToString(h.Sum(nil)); got != p.SHA256 {
 		return corrupt(img.Path, "part %s sha256 mismatch (file damaged), rebuild it with kiln build", name)
 	}
-	if err := tmp.CloseAtomicallyReplace(); err != nil {
-		return fmt.Errorf("extracting %s: %w", name, err)
-	}
-	return nil
-}
-
-// extractGzip writes the gzip-decoded bytes of part name to dst
-// atomically, checking the part's digest and the decoded size.
-func (img *Image) extractGzip(name, dst string, size int64) error {
-	p, ok := img.Part(name)
-	if !ok {
-		return fmt.Errorf("extracting %s: image has no such part", name)
-	}
-	f, err := os.Open(img.Path)
-	if err != nil {
-		return fmt.Errorf("extracting %s: %w", name, err)
-	}
-	defer f.Close()
-	tmp, err := renameio.NewPendingFile(dst, renameio.WithTempDir(filepath.Dir(dst)), renameio.WithStaticPermissions(0o644))
-	if err != nil {
-		return fmt.Errorf("extracting %s: %w", name, err)
-	}
-	defer tmp.Cleanup()
-	h := sha256.New()
-	if _, err := io.Copy(h, io.NewSectionReader(f, p.Offset, p.Size)); err != nil {
-		return fmt.Errorf("extracting %s: %w", name, err)
-	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != p.SHA256 {
-		return corrupt(img.Path, "part %s sha256 mismatch (file damaged), rebuild it with kiln build", name)
-	}
-	zr, err := gzip.NewReader(io.NewSectionReader(f, p.Offset, p.Size))
-	if err != nil {
-		return corrupt(img.Path, "part %s is not gzip data: %v; rebuild it with kiln build", name, err)
-	}
-	n, err := io.Copy(tmp, io.LimitReader(zr, size+1))
-	if err != nil {
-		return corrupt(img.Path, "decoding part %s: %v; rebuild it with kiln build", name, err)
-	}
-	if n != size {
-		return corrupt(img.Path, "part %s decodes to %d bytes, the manifest says %d; rebuild it with kiln build", name, n, size)
+	if gunzipped >= 0 {
+		zr, err := gzip.NewReader(io.NewSectionReader(f, p.Offset, p.Size))
+		if err != nil {
+			return corrupt(img.Path, "part %s is not gzip data: %v; rebuild it with kiln build", name, err)
+		}
+		n, err := io.Copy(tmp, io.LimitReader(zr, gunzipped+1))
+		if err != nil {
+			return corrupt(img.Path, "decoding part %s: %v; rebuild it with kiln build", name, err)
+		}
+		if n != gunzipped {
+			return corrupt(img.Path, "part %s decodes to %d bytes, the manifest says %d; rebuild it with kiln build", name, n, gunzipped)
+		}
 	}
 	if err := tmp.CloseAtomicallyReplace(); err != nil {
 		return fmt.Errorf("extracting %s: %w", name, err)
@@ -193,7 +174,7 @@ func (img *Image) BootFiles() (kernel, initramfs string, err error) {
 		}
 		var err error
 		if gz {
-			err = img.extractGzip(name, paths[i], want)
+			err = img.extract(name, paths[i], want)
 		} else {
 			err = img.Extract(name, paths[i])
 		}
