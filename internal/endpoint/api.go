@@ -671,8 +671,10 @@ func (s *Server) waitTasks(w http.ResponseWriter, r *http.Request) error {
 // after cursor, waiting up to wait for one.
 func (s *Server) waitGroup(w http.ResponseWriter, r *http.Request, group string, cursor int64, wait time.Duration) error {
 	deadline := time.Now().Add(wait)
+	var read time.Time // the last read of the group's events
 	for {
 		wt, done := s.w.add([]string{anyTask})
+		read = time.Now()
 		ts, err := s.store.GroupEvents(r.Context(), group, cursor, s.cfg.MaxBatch)
 		if err != nil {
 			done()
@@ -693,6 +695,19 @@ func (s *Server) waitGroup(w http.ResponseWriter, r *http.Request, group string,
 		timer := time.NewTimer(left)
 		select {
 		case <-wt.ch:
+			// Woken by a change (maybe another group's): read again, but
+			// not sooner than groupPollGap after the last read, so that
+			// a stream of completions comes several to an answer.
+			if gap := groupPollGap - time.Since(read); gap > 0 && gap < left {
+				timer.Reset(gap)
+				select {
+				case <-timer.C:
+				case <-r.Context().Done():
+					timer.Stop()
+					done()
+					return nil
+				}
+			}
 		case <-timer.C:
 		case <-r.Context().Done():
 			timer.Stop()
@@ -703,6 +718,12 @@ func (s *Server) waitGroup(w http.ResponseWriter, r *http.Request, group string,
 		done()
 	}
 }
+
+// groupPollGap is the least time between two reads of a group's events in
+// one group wait: every task's change wakes a group waiter, and under a
+// stream of completions it would otherwise read, encode and answer them
+// one or two at a time, the client polling as fast as the tasks end.
+const groupPollGap = 5 * time.Millisecond
 
 func (s *Server) listTasks(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()

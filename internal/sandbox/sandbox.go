@@ -365,10 +365,44 @@ var ErrNotRun = errors.New("the VM ended before the task started")
 // interrupt's worth of work.
 const Ahead = 7
 
+// BatchAhead is Ahead for an agent that takes Tasks frames: the tasks
+// sent in one refill that share a function go as one Batch, decoded at
+// once by the agent, whose results come back several to a write. The
+// window is wider so that a refill is a batch worth sending.
+const BatchAhead = 63
+
+// encodeTasks writes ts as frames to buf: each run of tasks that may
+// share a Batch as one Tasks frame when batch is set, the others as Task
+// frames. It returns how many of ts it wrote (fewer on an encoding error).
+func encodeTasks(buf *bytes.Buffer, ts []*task.Task, batch bool) int {
+	for i := 0; i < len(ts); {
+		j := i + 1
+		for batch && j < len(ts) && task.Batchable(ts[i], ts[j]) {
+			j++
+		}
+		var err error
+		if j-i > 1 {
+			err = proto.WriteJSON(buf, proto.Tasks, task.NewBatch(ts[i:j]))
+		} else {
+			err = proto.WriteJSON(buf, proto.Task, ts[i])
+		}
+		if err != nil {
+			return i // not encodable (cannot happen for decoded tasks)
+		}
+		i = j
+	}
+	return len(ts)
+}
+
 // InvokeEach runs a stream of tasks on the sandbox's VM, one after
 // another, with the next ones (up to Ahead) sent while one runs, so that
 // the agent starts each as soon as the one before ends: a warm VM's cost
-// per task is then its own, not a round trip to the host.
+// per task is then its own, not a round trip to the host. With an agent
+// that takes Tasks frames, the window is BatchAhead, tasks of one function
+// go as batches and their results come back several to a write; when such
+// a VM dies or times out with several tasks unanswered, those run again
+// one at a time (isolate), so that the failure is the failing task's
+// alone, and a task whose result was lost with the VM runs again.
 //
 // next returns each task to send, or nil when there is none (InvokeEach
 // then finishes what it sent and returns). done is called once for each
@@ -394,6 +428,10 @@ func (s *Sandbox) InvokeEach(ctx context.Context, timeout time.Duration, next fu
 		timeout = s.opts.Timeout
 	}
 	g := s.vm
+	ahead := Ahead
+	if g.ready.Batch {
+		ahead = BatchAhead
+	}
 	type sentTask struct{ mine, theirs *task.Task }
 	var inFlight []sentTask // oldest (running) first
 	notRun := func() {
@@ -404,24 +442,32 @@ func (s *Sandbox) InvokeEach(ctx context.Context, timeout time.Duration, next fu
 	}
 	var buf bytes.Buffer
 	var batch []sentTask
+	var unsent []*task.Task // tasks not sent (the VM is going) or not encodable
 	// send writes the tasks of batch in one write.
 	send := func() error {
 		defer func() { buf.Reset(); batch = batch[:0] }()
+		mine := make([]*task.Task, len(batch))
+		for i, b := range batch {
+			mine[i] = b.mine
+		}
+		n := encodeTasks(&buf, mine, g.ready.Batch)
 		if _, err := g.agent.Write(buf.Bytes()); err != nil {
 			return s.failed(ctx, g, g.deathError())
 		}
-		s.sent.Add(int64(len(batch)))
-		inFlight = append(inFlight, batch...)
+		s.sent.Add(int64(n))
+		inFlight = append(inFlight, batch[:n]...)
+		for _, b := range batch[n:] {
+			unsent = append(unsent, b.theirs)
+		}
 		return nil
 	}
 	pending := first
-	var unsent []*task.Task // tasks whose send failed: the VM is going
-	exhausted := false      // next returned nil
+	exhausted := false // next returned nil
 	for {
-		// Refill the window (the running task and Ahead more) once half of
+		// Refill the window (the running task and ahead more) once half of
 		// it is free, or when nothing runs.
-		if len(unsent) == 0 && !exhausted && (len(inFlight) <= (Ahead+1)/2 || len(inFlight) == 0) {
-			for len(inFlight)+len(batch) <= Ahead {
+		if len(unsent) == 0 && !exhausted && (len(inFlight) <= (ahead+1)/2 || len(inFlight) == 0) {
+			for len(inFlight)+len(batch) <= ahead {
 				t := pending
 				if t == nil {
 					t = next()
@@ -433,11 +479,6 @@ func (s *Sandbox) InvokeEach(ctx context.Context, timeout time.Duration, next fu
 				}
 				tk := s.prepare(t)
 				tk.Stream, tk.Stdin = false, false
-				if err := proto.WriteJSON(&buf, proto.Task, tk); err != nil {
-					// Not encodable (cannot happen for decoded tasks).
-					unsent = append(unsent, t)
-					break
-				}
 				batch = append(batch, sentTask{tk, t})
 			}
 			if len(batch) > 0 {
@@ -471,10 +512,61 @@ func (s *Sandbox) InvokeEach(ctx context.Context, timeout time.Duration, next fu
 		if err != nil {
 			err = s.failed(ctx, g, err)
 		}
+		if g.ready.Batch && len(inFlight) > 0 && ctx.Err() == nil && isolates(err) {
+			// The agent writes a batch's results several at a time, so a
+			// later task of the batch may have ended the VM (or held it
+			// past cur's deadline) after cur's result was ready but before
+			// it was written: who failed is not known. The unanswered
+			// tasks run again, one at a time, each with its own outcome.
+			rest := []*task.Task{cur.theirs}
+			for _, t := range inFlight {
+				s.sent.Add(-1)
+				rest = append(rest, t.theirs)
+			}
+			s.isolate(ctx, timeout, append(rest, unsent...), done)
+			return
+		}
 		done(cur.theirs, res, err)
 		if Replaced(ctx, err) {
 			notRun()
 			for _, t := range unsent {
+				done(t, nil, ErrNotRun)
+			}
+			return
+		}
+	}
+}
+
+// isolates reports whether err, from a VM running a batch, leaves unknown
+// which of the batch's unanswered tasks caused it (see InvokeEach).
+func isolates(err error) bool {
+	switch KindOf(err) {
+	case KindVMDied, KindOOM, KindTimeout:
+		return true
+	}
+	return false
+}
+
+// isolate runs ts one after another, one Task frame each (whose result
+// the agent writes at once), on the sandbox's VM or a new one, and calls
+// done for each in order; after a failure that ends the VM, the rest are
+// ErrNotRun. A task in ts may have run before, its result lost with the
+// VM: it runs again, as a retry would. s.mu is held.
+func (s *Sandbox) isolate(ctx context.Context, timeout time.Duration, ts []*task.Task, done func(t *task.Task, res *task.Result, err error)) {
+	for i, t := range ts {
+		var res *task.Result
+		err := s.ensureVM(ctx)
+		if err == nil {
+			g := s.vm
+			tk := s.prepare(t)
+			tk.Stream, tk.Stdin = false, false
+			if res, err = g.call(ctx, tk, timeout, &s.sent, Streams{}); err != nil {
+				err = s.failed(ctx, g, err)
+			}
+		}
+		done(t, res, err)
+		if err != nil && Replaced(ctx, err) {
+			for _, t := range ts[i+1:] {
 				done(t, nil, ErrNotRun)
 			}
 			return

@@ -223,6 +223,7 @@ func (g *guestVM) reseed(ctx context.Context) error {
 		if !r.OK {
 			return fmt.Errorf("the clone could not reseed: %s", r.Error)
 		}
+		g.ready.Batch = r.Batch
 		return nil
 	}
 }

@@ -18,7 +18,7 @@ import struct
 import sys
 import time
 
-VERSION = "1"
+VERSION = "2"
 
 # Frame header: magic 'K', version 1, type, flags, big-endian payload length.
 MAGIC = 0x4B
@@ -34,6 +34,14 @@ T_TASK = 0x11
 T_RESULT = 0x12
 T_RESEED = 0x13
 T_RESEEDED = 0x14
+T_TASKS = 0x15  # host→agent: several tasks of one function (a batch)
+
+# A batch's results are written together: between tasks the main thread
+# writes what has waited FLUSH_AFTER seconds, and while a long task runs a
+# thread writes what has waited FLUSH_BACKSTOP (it wakes that often during
+# a batch, no more, so that it seldom takes the GIL from the tasks).
+FLUSH_AFTER = 0.002
+FLUSH_BACKSTOP = 0.02
 
 # Limits and failure kinds are defined by the host (Go package
 # internal/guest/task); a test holds these copies to them.
@@ -117,6 +125,10 @@ class Transport:
         import _thread
 
         self._lock = _thread.allocate_lock()
+        # Frames written later (write_later), oldest first, and when the
+        # oldest of them was ready; guarded by _lock.
+        self._later = []
+        self._later_since = 0.0
         # Bytes read ahead: one read often holds several frames. One reader
         # at a time (the Router sees to that).
         self._buf = bytearray()
@@ -157,10 +169,39 @@ class Transport:
             got = self.read_exact(min(n, 1 << 20))
             n -= len(got)
 
-    def write(self, data):
-        """Writes all of data, with one os.write loop, under the writer lock."""
-        view = memoryview(data)
+    def buffered(self, header):
+        """Whether a whole frame is already read ahead (header: the frame
+        header's struct), so that reading it will not block."""
+        buf = self._buf
+        if len(buf) < header.size:
+            return False
+        return len(buf) >= header.size + header.unpack_from(buf)[-1]
+
+    def write_later(self, data):
+        """Queues data to be written with the next write or flush."""
         with self._lock:
+            if not self._later:
+                self._later_since = time.monotonic()
+            self._later.append(data)
+
+    def later_age(self):
+        """Seconds the oldest queued frame has waited (0: none waits)."""
+        with self._lock:
+            return time.monotonic() - self._later_since if self._later else 0.0
+
+    def flush(self):
+        """Writes the queued frames."""
+        self.write(b"")
+
+    def write(self, data):
+        """Writes the queued frames and then all of data, with one os.write
+        loop, under the writer lock."""
+        with self._lock:
+            if self._later:
+                self._later.append(data)
+                data = b"".join(self._later)
+                self._later.clear()
+            view = memoryview(data)
             while view:
                 try:
                     n = os.write(self.fd, view)
@@ -183,7 +224,19 @@ class Conn:
         self.max_frame = max_frame
 
     def send(self, ftype, payload):
+        """Writes a frame, after the frames queued by send_later."""
         self.t.write(HEADER.pack(MAGIC, PROTO_VERSION, ftype, 0, len(payload)) + payload)
+
+    def send_later(self, ftype, payload):
+        """Queues a frame for the next send or flush."""
+        self.t.write_later(HEADER.pack(MAGIC, PROTO_VERSION, ftype, 0, len(payload)) + payload)
+
+    def flush(self):
+        self.t.flush()
+
+    def buffered(self):
+        """Whether the next frame is already read (reading it will not block)."""
+        return self.t.buffered(HEADER)
 
     def send_json(self, ftype, obj):
         self.send(ftype, json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
@@ -417,11 +470,15 @@ class Pids:
         self.last = None
 
     def mark(self):
-        self.last = self._read()
+        """Notes the last pid; the look changed() took serves when nothing
+        ran since (the agent starts no process between tasks)."""
+        if self.last is None:
+            self.last = self._read()
 
     def changed(self):
         now = self._read()
-        return now is None or now != self.last
+        was, self.last = self.last, now
+        return now is None or now != was
 
     def _read(self):
         if self.fd is None:
@@ -548,7 +605,7 @@ class BadTask(Exception):
 
 
 def ms(t0, t1):
-    return round((t1 - t0) * 1000.0, 4)
+    return (t1 - t0) * 1000.0
 
 
 # ---------------------------------------------------------------- tasks
@@ -915,6 +972,8 @@ def encode_value(v, max_result, exact=False):
     """Returns the Value dict for v, raising TooLarge over max_result bytes
     of data. With exact, a value JSON would give back with other types (a
     tuple) is pickled instead."""
+    if v is None:
+        return {"enc": "json", "data": RawJSON("null")}
     ok = False
     try:
         ok = json_exact(v, tuples=not exact)
@@ -1011,6 +1070,13 @@ def run_task(payload, conn=None, router=None):
             raise BadTask("task is not a JSON object")
     except BaseException as e:
         return bad_result(e)
+    return run_msg(msg, t_start, conn, router)
+
+
+def run_msg(msg, t_start, conn=None, router=None, fn=None):
+    """Runs one decoded task (begun at t_start, perf_counter) and returns
+    the Result payload bytes. fn, when set, is the task's function, already
+    resolved (by its batch)."""
     task = Task(msg)
     max_output = limit(msg, "max_output", DEFAULT_MAX_OUTPUT)
     max_result = limit(msg, "max_result", DEFAULT_MAX_RESULT)
@@ -1032,7 +1098,8 @@ def run_task(payload, conn=None, router=None):
             elif msg.get("kind") == "shell":
                 fn, args, kwargs = shell_command, [task.shell_spec()], {}
             else:
-                fn = task.resolve()
+                if fn is None:
+                    fn = task.resolve()
                 args, kwargs = task.args()
         except BaseException as e:
             res["error"] = error_fields(e, True)
@@ -1251,7 +1318,7 @@ def reseed(payload):
                 time.clock_settime(time.CLOCK_REALTIME, time_ns / 1e9)
         except (OSError, OverflowError, ValueError) as e:
             errors.append("setting the clock: %s" % e)
-    return {"ok": not errors, "error": "; ".join(errors)}
+    return {"ok": not errors, "error": "; ".join(errors), "batch": True}
 
 
 # ---------------------------------------------------------------- main
@@ -1460,6 +1527,91 @@ class Router:
             self.cond.notify_all()
 
 
+class Flusher:
+    """Writes the results a batch queued (Conn.send_later) once the oldest
+    has waited FLUSH_BACKSTOP, while the main thread runs a long task of the
+    batch; between tasks the main thread writes them itself. Armed for the
+    length of a batch, so that it wakes only then."""
+
+    def __init__(self, conn):
+        import threading
+
+        self.conn = conn
+        self.cond = threading.Condition()
+        self.armed = False
+        threading.Thread(target=self._run, name="kiln-flush", daemon=True).start()
+
+    def arm(self):
+        with self.cond:
+            self.armed = True
+            self.cond.notify()
+
+    def disarm(self):
+        with self.cond:
+            self.armed = False
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.armed:
+                    self.cond.wait()
+                self.cond.wait(FLUSH_BACKSTOP)
+            try:
+                if self.conn.t.later_age() >= FLUSH_BACKSTOP:
+                    self.conn.flush()
+            except OSError:
+                return  # the channel is gone; the main thread sees it too
+
+
+FLUSHER = None
+
+
+def run_batch(payload, conn):
+    """Runs a Tasks frame: {"task": the fields its tasks share, "items":
+    [{"id", "args", "kwargs"}, ...]}, one task after another, each answered
+    with its own Result frame, in order. The frames are queued and written
+    together (one write, one interrupt, for several results): between
+    tasks, once the oldest has waited FLUSH_AFTER, and while a long task
+    runs, once it has waited FLUSH_BACKSTOP (Flusher). A batch's tasks
+    neither stream nor read stdin."""
+    global FLUSHER
+    t_start = time.perf_counter()
+    try:
+        msg = json.loads(payload)
+        common, items = msg["task"], msg["items"]
+        if not isinstance(common, dict) or not isinstance(items, list):
+            raise BadTask("a batch is {\"task\": {...}, \"items\": [...]}")
+    except BaseException as e:
+        raise ProtocolError("undecodable batch: %s" % e) from None
+    common.pop("stream", None)
+    common.pop("stdin", None)
+    if FLUSHER is None:
+        FLUSHER = Flusher(conn)
+    FLUSHER.arm()
+    # The function is resolved once for the batch, its module installed
+    # for all of its tasks; if that fails, each task fails on its own.
+    outer = Task(common)
+    fn = None
+    try:
+        if common.get("kind") in ("source", "ref", "pickle"):
+            try:
+                fn = outer.resolve()
+            except BaseException:
+                outer.cleanup()
+                fn = None
+        for item in items:
+            t = dict(common)
+            if isinstance(item, dict):
+                t.update(item)
+            conn.send_later(T_RESULT, run_msg(t, t_start, fn=fn))
+            if conn.t.later_age() >= FLUSH_AFTER:
+                conn.flush()
+            t_start = time.perf_counter()
+    finally:
+        outer.cleanup()
+        FLUSHER.disarm()
+
+
 def too_large_result(length, max_frame):
     return dumps_result(
         {
@@ -1481,6 +1633,8 @@ def too_large_result(length, max_frame):
 def serve(conn):
     router = Router(conn)
     while True:
+        if not conn.buffered():
+            conn.flush()  # about to wait: nothing queued may wait with us
         frame = router.next()
         if frame is None:
             return
@@ -1492,6 +1646,8 @@ def serve(conn):
             continue
         if ftype == T_TASK:
             conn.send(T_RESULT, run_task(payload, conn, router))
+        elif ftype == T_TASKS:
+            run_batch(payload, conn)
         elif ftype == T_RESEED:
             conn.send_json(T_RESEEDED, reseed(payload))
         else:
@@ -1525,6 +1681,7 @@ def main(argv):
         "python": "%d.%d.%d" % sys.version_info[:3],
         "agent": VERSION,
         "pid": os.getpid(),
+        "batch": True,
         "preloaded": done,
         "preload_ms": preload_ms,
     }

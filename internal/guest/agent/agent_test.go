@@ -747,3 +747,104 @@ func TestRunKind(t *testing.T) {
 		t.Errorf("200,000 lines: code %d, %d lines (first %q, last %q); want 0 and every line", code, len(lines), lines[0], lines[len(lines)-1])
 	}
 }
+
+// TestBatch: a Tasks frame runs its items in order, each answered by its
+// own Result with its own output, value or exception; a function that
+// cannot be resolved fails every item on its own; and the results of the
+// short tasks before a long one reach the host while it runs.
+func TestBatch(t *testing.T) {
+	a := startAgent(t, nil)
+	if r := a.ready(); !r.Batch {
+		t.Fatalf("ready = %+v, want batch: true", r)
+	}
+	batch := func(tk task.Task, items ...task.BatchItem) {
+		t.Helper()
+		b, err := json.Marshal(task.Batch{Task: &tk, Items: items})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.send(proto.Tasks, b)
+	}
+	item := func(id string, args ...any) task.BatchItem {
+		return task.BatchItem{ID: id, Args: src("", args...).Args}
+	}
+	type outcome struct {
+		ID, Value, Stdout, ErrorType, Kind string
+	}
+	got := func(n int) []outcome {
+		t.Helper()
+		var out []outcome
+		for range n {
+			r, _ := a.result()
+			o := outcome{ID: r.ID, Stdout: r.Stdout, Kind: r.ErrorKind}
+			if r.Value != nil {
+				o.Value = string(r.Value.Data)
+			}
+			if r.Error != nil {
+				o.ErrorType = r.Error.Type
+			}
+			out = append(out, o)
+		}
+		return out
+	}
+
+	fn := src("def f(n):\n    print('n', n)\n    if n == 0:\n        raise KeyError(n)\n    return n * 2\n")
+	fn.Name, fn.CacheKey = "f", "f-key"
+	batch(fn, item("a", 1), item("b", 0), item("c", 3))
+	want := []outcome{
+		{ID: "a", Value: "2", Stdout: "n 1\n"},
+		{ID: "b", Stdout: "n 0\n", ErrorType: "KeyError", Kind: task.ErrorException},
+		{ID: "c", Value: "6", Stdout: "n 3\n"},
+	}
+	if diff := cmp.Diff(want, got(3)); diff != "" {
+		t.Errorf("batch results (-want +got):\n%s", diff)
+	}
+
+	missing := src("def g():\n    return 1\n")
+	missing.Name = "nope"
+	batch(missing, item("d"), item("e"))
+	for _, o := range got(2) {
+		if o.Kind != task.ErrorBadTask || o.ErrorType != "NameError" {
+			t.Errorf("item %s of a batch whose function is missing: %+v, want a bad_task NameError", o.ID, o)
+		}
+	}
+
+	// The long task waits for a file that the test creates only once it
+	// has the short task's result: that result came while the long one ran.
+	dir := t.TempDir()
+	gate := filepath.Join(dir, "gate")
+	wait := src("import os, time\ndef w(path):\n    while not os.path.exists(path):\n        time.sleep(0.01)\n    return 'waited'\n")
+	wait.Name, wait.CacheKey = "w", "w-key"
+	batch(wait, item("short", dir), item("long", gate))
+	r, _ := a.result()
+	if r.ID != "short" {
+		t.Fatalf("first result is %q, want short", r.ID)
+	}
+	if err := os.WriteFile(gate, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r, _ = a.result()
+	if r.ID != "long" || !r.OK || string(r.Value.Data) != `"waited"` {
+		t.Errorf("long task result = %+v, want long, ok, \"waited\"", r)
+	}
+}
+
+// TestBadBatch: a Tasks frame that is not a batch ends the agent (exit 2)
+// with a log line naming it; no task of it runs.
+func TestBadBatch(t *testing.T) {
+	for _, payload := range []string{`{`, `[]`, `{"task": 1, "items": []}`, `{"task": {}, "items": {}}`} {
+		t.Run(payload, func(t *testing.T) {
+			a := startAgent(t, nil)
+			a.ready()
+			a.wantCode = 2
+			a.send(proto.Tasks, []byte(payload))
+			_ = a.conn.SetReadDeadline(time.Now().Add(ioTimeout))
+			if f, err := a.r.Next(); err != io.EOF && !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("Next after a bad batch = %v, %v, want io.EOF or a reset", f.Type, err)
+			}
+			if !a.logContains("undecodable batch") {
+				t.Errorf("agent log = %q, want it to name the undecodable batch", a.stderr.String())
+			}
+		})
+	}
+}

@@ -90,6 +90,9 @@ type ReadyMsg struct {
 	Preloaded []string          `json:"preloaded"`
 	PreloadMS float64           `json:"preload_ms"`
 	Errors    map[string]string `json:"errors,omitempty"`
+	// Batch says the agent takes Tasks frames (agents from images built
+	// before them do not).
+	Batch bool `json:"batch,omitempty"`
 }
 
 // ReseedMsg is the payload of a Reseed frame.
@@ -102,4 +105,7 @@ type ReseedMsg struct {
 type ReseededMsg struct {
 	OK    bool   `json:"ok"`
 	Error string `json:"error,omitempty"`
+	// Batch is ReadyMsg.Batch, for a clone (whose Ready frame was read
+	// before its snapshot was saved).
+	Batch bool `json:"batch,omitempty"`
 }

@@ -46,12 +46,15 @@ const (
 	Result   Type = 0x12
 	Reseed   Type = 0x13
 	Reseeded Type = 0x14
+	// Tasks carries several tasks of one function (task.Batch); the agent
+	// answers each with its own Result frame, in order.
+	Tasks Type = 0x15
 )
 
 var typeNames = map[Type]string{
 	Hello: "hello", Config: "config", Stdout: "stdout", Stderr: "stderr", Exit: "exit",
 	Event: "event", Log: "log", Stdin: "stdin", Mount: "mount", Mounted: "mounted", Ready: "ready", Task: "task", Result: "result",
-	Reseed: "reseed", Reseeded: "reseeded",
+	Reseed: "reseed", Reseeded: "reseeded", Tasks: "tasks",
 }
 
 func (t Type) String() string {

@@ -173,6 +173,51 @@ func (v *Value) validate() error {
 	return nil
 }
 
+// Batch is the payload of a Tasks frame: tasks of one function, with
+// what they share written once. The agent runs the items in order, each
+// as the Task that is Task with the item's ID, Args and Kwargs, and
+// answers each with its own Result frame. A batch's tasks neither stream
+// nor read stdin.
+type Batch struct {
+	Task  *Task       `json:"task"`
+	Items []BatchItem `json:"items"`
+}
+
+// BatchItem is what one task of a Batch has of its own.
+type BatchItem struct {
+	ID     string `json:"id"`
+	Args   *Value `json:"args,omitempty"`
+	Kwargs *Value `json:"kwargs,omitempty"`
+}
+
+// NewBatch returns the Batch of ts, which must share a CacheKey (see
+// Batchable): the fields of ts[0] but its ID, Args and Kwargs, and an
+// item for each task.
+func NewBatch(ts []*Task) *Batch {
+	common := *ts[0]
+	common.ID, common.Args, common.Kwargs, common.Stream, common.Stdin = "", nil, nil, false, false
+	b := &Batch{Task: &common, Items: make([]BatchItem, len(ts))}
+	for i, t := range ts {
+		b.Items[i] = BatchItem{ID: t.ID, Args: t.Args, Kwargs: t.Kwargs}
+	}
+	return b
+}
+
+// Batchable reports whether a and b may share a Batch: functions called
+// by value (source, ref, pickle) with the same CacheKey, which names the
+// function and its settings exactly, and neither streaming nor reading
+// stdin.
+func Batchable(a, b *Task) bool {
+	switch a.Kind {
+	case KindSource, KindRef, KindPickle:
+	default:
+		return false
+	}
+	return a.CacheKey != "" && a.CacheKey == b.CacheKey && a.Kind == b.Kind &&
+		!a.Stream && !b.Stream && !a.Stdin && !b.Stdin &&
+		a.MaxOutput == b.MaxOutput && a.MaxResult == b.MaxResult
+}
+
 // Task is the payload of a Task frame.
 type Task struct {
 	ID      string `json:"id"`
