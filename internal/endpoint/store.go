@@ -87,6 +87,7 @@ type Store struct {
 	stepMu     sync.Mutex
 	stepCond   *sync.Cond
 	steps      []Step
+	stepsSince time.Time // when the oldest of steps was queued
 	stepClosed bool
 	writerDone chan struct{}
 }
@@ -265,9 +266,18 @@ func (s *Store) Step(st Step) {
 		}
 		return
 	}
+	if len(s.steps) == 0 {
+		s.stepsSince = time.Now()
+	}
 	s.steps = append(s.steps, st)
 	s.stepCond.Signal()
 }
+
+// commitDelay is how long the writer lets steps gather before it writes
+// fewer than a transaction's worth (Postgres's commit_delay): a stream of
+// completions is then written a few hundred to a commit, sharing the
+// pages each commit writes to the WAL, instead of one or two at a time.
+const commitDelay = 2 * time.Millisecond
 
 // writer writes the queued steps, as many per transaction as are waiting.
 func (s *Store) writer() {
@@ -280,6 +290,11 @@ func (s *Store) writer() {
 		if len(s.steps) == 0 {
 			s.stepMu.Unlock()
 			return
+		}
+		if wait := commitDelay - time.Since(s.stepsSince); wait > 0 && len(s.steps) < maxSteps && !s.stepClosed {
+			s.stepMu.Unlock()
+			time.Sleep(wait)
+			s.stepMu.Lock()
 		}
 		n := min(len(s.steps), maxSteps)
 		batch := slices.Clone(s.steps[:n])

@@ -403,7 +403,10 @@ class Output:
             os.set_blocking(r, False)
             self.read_fds.append(r)
             self.write_fds.append(w)
-        self.sinks = {fd: Sink(0) for fd in self.read_fds}  # between tasks: dropped
+        # Between tasks what reaches the pipes is dropped (a Sink(0) keeps
+        # nothing and holds no state, so one pair serves every time).
+        self.idle = {fd: Sink(0) for fd in self.read_fds}
+        self.sinks = self.idle
         self.poller = select.poll()  # the thread's
         self.drainer = select.poll()  # the main thread's (a poll object is not shared)
         for fd in self.read_fds:
@@ -451,7 +454,7 @@ class Output:
                     break
                 for fd, _ in ready:
                     self._read(fd)
-            self.sinks = {fd: Sink(0) for fd in self.read_fds}
+            self.sinks = self.idle
 
 
 OUTPUT = None  # the Output, made by the first task
@@ -576,7 +579,12 @@ class TaskIO:
         sys.stdin, sys.stdout, sys.stderr = files
 
     def finish(self):
-        for f in (sys.stdout, sys.stderr) + TaskIO.files[1:]:
+        files = TaskIO.files
+        if sys.stdout is files[1] and sys.stderr is files[2]:
+            outs = files[1:]  # as the task found them: flushed once each
+        else:
+            outs = (sys.stdout, sys.stderr) + files[1:]
+        for f in outs:
             try:
                 f.flush()
             except Exception:
