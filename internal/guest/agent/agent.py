@@ -1081,17 +1081,32 @@ def run_task(payload, conn=None, router=None):
     return run_msg(msg, t_start, conn, router)
 
 
-def run_msg(msg, t_start, conn=None, router=None, fn=None):
+def task_limits(msg):
+    """(max_output, max_result, exact_types) of a task message."""
+    return (
+        limit(msg, "max_output", DEFAULT_MAX_OUTPUT),
+        limit(msg, "max_result", DEFAULT_MAX_RESULT),
+        bool(msg.get("exact_types")),
+    )
+
+
+def run_msg(msg, t_start, conn=None, router=None, fn=None, limits=None):
     """Runs one decoded task (begun at t_start, perf_counter) and returns
-    the Result payload bytes. fn, when set, is the task's function, already
-    resolved (by its batch)."""
+    the Result payload bytes. With fn, the task is an item of a batch: fn
+    is its function, already resolved, limits its batch's task_limits, and
+    msg only its id, args and kwargs."""
     task = Task(msg)
-    max_output = limit(msg, "max_output", DEFAULT_MAX_OUTPUT)
-    max_result = limit(msg, "max_result", DEFAULT_MAX_RESULT)
-    stream = bool(msg.get("stream")) and conn is not None
-    stdin = bool(msg.get("stdin")) and router is not None
-    if msg.get("kind") == "run" and stream:
-        max_output = 0  # a streamed command's output is not kept in its result
+    if fn is None:
+        max_output, max_result, exact = task_limits(msg)
+        stream = bool(msg.get("stream")) and conn is not None
+        stdin = bool(msg.get("stdin")) and router is not None
+        kind = msg.get("kind")
+        if kind == "run" and stream:
+            max_output = 0  # a streamed command's output is not kept in its result
+    else:
+        max_output, max_result, exact = limits
+        stream = stdin = False
+        kind = None
     res = {"id": task.id, "ok": False}
     timings = {"deserialize_ms": 0.0, "call_ms": 0.0, "serialize_ms": 0.0}
     try:
@@ -1101,9 +1116,9 @@ def run_msg(msg, t_start, conn=None, router=None, fn=None):
     try:
         t1 = t2 = None
         try:
-            if msg.get("kind") == "run":
+            if kind == "run":
                 fn, args, kwargs = run_command, [task.run_spec()], {}
-            elif msg.get("kind") == "shell":
+            elif kind == "shell":
                 fn, args, kwargs = shell_command, [task.shell_spec()], {}
             else:
                 if fn is None:
@@ -1121,7 +1136,7 @@ def run_msg(msg, t_start, conn=None, router=None, fn=None):
                 res["error_kind"] = E_EXCEPTION
             else:
                 t2 = time.perf_counter()
-                res.update(serialize(value, max_result, bool(msg.get("exact_types"))))
+                res.update(serialize(value, max_result, exact))
                 value = None
             finally:
                 fn = args = kwargs = None
@@ -1600,6 +1615,7 @@ def run_batch(payload, conn):
     # for all of its tasks; if that fails, each task fails on its own.
     outer = Task(common)
     fn = None
+    limits = task_limits(common)
     try:
         if common.get("kind") in ("source", "ref", "pickle"):
             try:
@@ -1608,10 +1624,14 @@ def run_batch(payload, conn):
                 outer.cleanup()
                 fn = None
         for item in items:
-            t = dict(common)
-            if isinstance(item, dict):
-                t.update(item)
-            conn.send_later(T_RESULT, run_msg(t, t_start, fn=fn))
+            if fn is not None and isinstance(item, dict):
+                res = run_msg(item, t_start, fn=fn, limits=limits)
+            else:
+                t = dict(common)
+                if isinstance(item, dict):
+                    t.update(item)
+                res = run_msg(t, t_start)
+            conn.send_later(T_RESULT, res)
             if conn.t.later_age() >= FLUSH_AFTER:
                 conn.flush()
             t_start = time.perf_counter()
