@@ -512,7 +512,7 @@ func (s *Sandbox) InvokeEach(ctx context.Context, timeout time.Duration, next fu
 		if err != nil {
 			err = s.failed(ctx, g, err)
 		}
-		if g.ready.Batch && len(inFlight) > 0 && ctx.Err() == nil && isolates(err) {
+		if g.ready.Batch && res == nil && len(inFlight) > 0 && ctx.Err() == nil && isolates(err) {
 			// The agent writes a batch's results several at a time, so a
 			// later task of the batch may have ended the VM (or held it
 			// past cur's deadline) after cur's result was ready but before
@@ -537,8 +537,9 @@ func (s *Sandbox) InvokeEach(ctx context.Context, timeout time.Duration, next fu
 	}
 }
 
-// isolates reports whether err, from a VM running a batch, leaves unknown
-// which of the batch's unanswered tasks caused it (see InvokeEach).
+// isolates reports whether err, from a VM running a batch that sent no
+// result for the task, leaves unknown which of the batch's unanswered
+// tasks caused it (see InvokeEach).
 func isolates(err error) bool {
 	switch KindOf(err) {
 	case KindVMDied, KindOOM, KindTimeout:
