@@ -299,6 +299,18 @@ type Streams = vm.Stdio
 func (s *Sandbox) InvokeStreams(ctx context.Context, t *task.Task, st Streams) (*task.Result, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	res, err := s.invokeLocked(ctx, t, s.opts.Timeout, st)
+	if err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// invokeLocked runs t on the sandbox's VM, started first if need be, with
+// its fds connected to st. It returns what the call gave: the result even
+// beside an error (a result over its limit), and the error as failed
+// reports it. s.mu is held.
+func (s *Sandbox) invokeLocked(ctx context.Context, t *task.Task, timeout time.Duration, st Streams) (*task.Result, error) {
 	if err := s.ensureVM(ctx); err != nil {
 		return nil, err
 	}
@@ -306,11 +318,11 @@ func (s *Sandbox) InvokeStreams(ctx context.Context, t *task.Task, st Streams) (
 	tk.Stream = st.Stdout != nil || st.Stderr != nil
 	tk.Stdin = st.Stdin != nil
 	g := s.vm
-	res, err := g.call(ctx, tk, s.opts.Timeout, &s.sent, st)
+	res, err := g.call(ctx, tk, timeout, &s.sent, st)
 	if err != nil {
-		return nil, s.failed(ctx, g, err)
+		err = s.failed(ctx, g, err)
 	}
-	return res, nil
+	return res, err
 }
 
 // prepare returns a copy of t with the sandbox's defaults filled in.
@@ -555,16 +567,7 @@ func isolates(err error) bool {
 // VM: it runs again, as a retry would. s.mu is held.
 func (s *Sandbox) isolate(ctx context.Context, timeout time.Duration, ts []*task.Task, done func(t *task.Task, res *task.Result, err error)) {
 	for i, t := range ts {
-		var res *task.Result
-		err := s.ensureVM(ctx)
-		if err == nil {
-			g := s.vm
-			tk := s.prepare(t)
-			tk.Stream, tk.Stdin = false, false
-			if res, err = g.call(ctx, tk, timeout, &s.sent, Streams{}); err != nil {
-				err = s.failed(ctx, g, err)
-			}
-		}
+		res, err := s.invokeLocked(ctx, t, timeout, Streams{})
 		done(t, res, err)
 		if err != nil && Replaced(ctx, err) {
 			for _, t := range ts[i+1:] {

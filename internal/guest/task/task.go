@@ -195,7 +195,7 @@ type BatchItem struct {
 // item for each task.
 func NewBatch(ts []*Task) *Batch {
 	common := *ts[0]
-	common.ID, common.Args, common.Kwargs, common.Stream, common.Stdin = "", nil, nil, false, false
+	common.ID, common.Args, common.Kwargs = "", nil, nil
 	b := &Batch{Task: &common, Items: make([]BatchItem, len(ts))}
 	for i, t := range ts {
 		b.Items[i] = BatchItem{ID: t.ID, Args: t.Args, Kwargs: t.Kwargs}
